@@ -1,0 +1,257 @@
+"""The `bitnet-run` command line: convert, pull, run (generate), chat, show.
+
+Flags follow llama.cpp (-m -p -f -n -t -c --temp --top-k --top-p --min-p --repeat-penalty --seed);
+generated text goes to stdout, timings and progress to stderr.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import __version__
+from .errors import BitNetError
+from .paths import default_model, models_dir
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run ternary (BitNet b1.58) models on the CPU.")
+err_console = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _version_callback(value: bool):
+    if value:
+        typer.echo(f"bitnet-run {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True, help="Print the version."),
+):
+    pass
+
+
+# ---- shared options -------------------------------------------------------------------------------
+ModelOpt = typer.Option(None, "-m", "--model", help="Model file (.bnr); default: the bundled demo model.")
+ThreadsOpt = typer.Option(None, "-t", "--threads", help="Threads (default: one per CPU).")
+CtxOpt = typer.Option(None, "-c", "--ctx-size", help="Context size in tokens (default: the model's).")
+TempOpt = typer.Option(0.8, "--temp", help="Temperature; 0 = greedy.")
+TopKOpt = typer.Option(40, "--top-k", help="Top-k sampling; 0 = off.")
+TopPOpt = typer.Option(0.95, "--top-p", help="Top-p (nucleus) sampling; 1 = off.")
+MinPOpt = typer.Option(0.05, "--min-p", help="Min-p sampling; 0 = off.")
+RepeatOpt = typer.Option(1.1, "--repeat-penalty", help="Penalty for the last 64 tokens; 1 = off.")
+SeedOpt = typer.Option(-1, "--seed", "-s", help="RNG seed; -1 = random.")
+
+
+def _load(model: Optional[Path], threads: Optional[int], ctx: Optional[int]):
+    from .model import Model
+
+    try:
+        path = model if model is not None else default_model()
+        return Model(path, n_threads=threads, n_ctx=ctx)
+    except (OSError, ValueError, BitNetError) as exc:
+        _fail(str(exc))
+
+
+def _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed) -> dict:
+    from .sampling import SamplingParams
+
+    params = dict(
+        temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+        seed=None if seed < 0 else seed,
+    )
+    try:
+        SamplingParams(**params)
+    except ValueError as exc:
+        _fail(str(exc))
+    return params
+
+
+def _print_timings(stats) -> None:
+    err_console.print(
+        f"\nprompt eval: {stats.prompt_tokens} tokens in {stats.prompt_seconds:.3f} s "
+        f"({stats.prompt_tps:.2f} tokens/s)\n"
+        f"generation:  {stats.generated_tokens} tokens in {stats.generation_seconds:.3f} s "
+        f"({stats.generation_tps:.2f} tokens/s)",
+        highlight=False,
+    )
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[item]}"), console=err_console,
+    )
+
+
+def _convert(src: str, output: Path) -> Path:
+    from .convert import ConversionError, convert_checkpoint
+
+    with _progress() as progress:
+        task = progress.add_task("converting", total=None, item="")
+
+        def report(done: int, total: int, name: str) -> None:
+            progress.update(task, completed=done, total=total, item=name)
+
+        try:
+            return convert_checkpoint(src, output, progress=report)
+        except (ConversionError, OSError) as exc:
+            _fail(str(exc))
+
+
+# ---- commands -------------------------------------------------------------------------------------
+@app.command()
+def convert(
+    src: str = typer.Argument(..., help="Hugging Face checkpoint folder, or a hub repo id."),
+    output: Path = typer.Option(..., "-o", "--output", help="The .bnr file to write."),
+):
+    """Convert a Hugging Face BitNet checkpoint into a packed .bnr model file."""
+    path = _convert(src, output)
+    err_console.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)", highlight=False)
+
+
+@app.command()
+def pull(
+    repo_id: str = typer.Argument(..., help="Hub repo id, e.g. microsoft/bitnet-b1.58-2B-4T."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to write the .bnr file."),
+):
+    """Download a checkpoint from the Hugging Face hub and convert it (needs network)."""
+    target = output or models_dir() / (repo_id.replace("/", "--") + ".bnr")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = _convert(repo_id, target)
+    err_console.print(f"wrote {path}", highlight=False)
+
+
+@app.command("run")
+def run_cmd(
+    model: Optional[Path] = ModelOpt,
+    prompt: Optional[str] = typer.Option(None, "-p", "--prompt", help="The prompt."),
+    file: Optional[Path] = typer.Option(None, "-f", "--file", help="Read the prompt from a file."),
+    n_predict: int = typer.Option(128, "-n", "--n-predict", help="Tokens to generate."),
+    threads: Optional[int] = ThreadsOpt,
+    ctx_size: Optional[int] = CtxOpt,
+    temp: float = TempOpt,
+    top_k: int = TopKOpt,
+    top_p: float = TopPOpt,
+    min_p: float = MinPOpt,
+    repeat_penalty: float = RepeatOpt,
+    seed: int = SeedOpt,
+    no_display_prompt: bool = typer.Option(False, "--no-display-prompt", help="Print only the generated text."),
+):
+    """Generate a continuation of a prompt (alias: generate)."""
+    if prompt is not None and file is not None:
+        _fail("give the prompt with -p or -f, not both")
+    if file is not None:
+        try:
+            prompt = file.read_text()
+        except OSError as exc:
+            _fail(f"{file}: cannot read the prompt file ({exc.strerror})")
+    if prompt is None:
+        prompt = ""
+    if n_predict < 0:
+        _fail(f"-n must be >= 0, got {n_predict}")
+    sampling = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
+    llm = _load(model, threads, ctx_size)
+    if not no_display_prompt:
+        sys.stdout.write(prompt)
+    try:
+        for piece in llm.stream(prompt, max_tokens=n_predict, **sampling):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except (ValueError, BitNetError) as exc:
+        _fail(str(exc))
+    sys.stdout.write("\n")
+    _print_timings(llm.last_stats)
+
+
+app.command("generate", help="Generate a continuation of a prompt (alias of run).")(run_cmd)
+
+
+@app.command()
+def chat(
+    model: Optional[Path] = ModelOpt,
+    system: Optional[str] = typer.Option(None, "--system", help="A system message."),
+    n_predict: int = typer.Option(512, "-n", "--n-predict", help="Most tokens per reply."),
+    threads: Optional[int] = ThreadsOpt,
+    ctx_size: Optional[int] = CtxOpt,
+    temp: float = TempOpt,
+    top_k: int = TopKOpt,
+    top_p: float = TopPOpt,
+    min_p: float = MinPOpt,
+    repeat_penalty: float = RepeatOpt,
+    seed: int = SeedOpt,
+):
+    """Chat with the model in the terminal (/reset clears the conversation, /exit or Ctrl-D quits)."""
+    sampling = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
+    llm = _load(model, threads, ctx_size)
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    err_console.print("chat: /reset clears the conversation, /exit quits", highlight=False)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            break
+        text = line.strip()
+        if text == "/exit":
+            break
+        if text == "/reset":
+            messages = list(start)
+            err_console.print("(conversation cleared)", highlight=False)
+            continue
+        if not text:
+            continue
+        messages.append({"role": "user", "content": text})
+        reply = []
+        try:
+            for piece in llm.stream_chat(messages, max_tokens=n_predict, **sampling):
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except (ValueError, BitNetError) as exc:
+            messages.pop()
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            continue
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+        stats = llm.last_stats
+        err_console.print(f"[dim]({stats.generation_tps:.1f} tokens/s)[/]", highlight=False)
+
+
+@app.command()
+def show(model: Optional[Path] = typer.Argument(None, help="Model file (.bnr); default: the demo model.")):
+    """Print a model file's metadata and tensor table."""
+    from .fileformat import read_header
+
+    try:
+        header = read_header(model if model is not None else default_model())
+    except (OSError, ValueError) as exc:
+        _fail(str(exc))
+    # plain aligned text rather than a rich table: it stays greppable and never truncates names
+    width = max((len(key) for key in header.metadata), default=0)
+    typer.echo("metadata:")
+    for key, value in header.metadata.items():
+        if isinstance(value, str) and (len(value) > 120 or "\n" in value):
+            value = f"<{len(value)} characters>"
+        typer.echo(f"  {key:<{width}}  {value}")
+    total = sum(t.nbytes for t in header.tensors)
+    typer.echo(f"tensors: {len(header.tensors)}, {total / 2**20:.2f} MiB")
+    width = max((len(t.name) for t in header.tensors), default=4)
+    typer.echo(f"  {'name':<{width}}  {'encoding':<8}  {'shape':<14}  {'scale':>10}  {'offset':>12}  {'bytes':>12}")
+    for t in header.tensors:
+        shape = "x".join(str(d) for d in t.dims)
+        typer.echo(
+            f"  {t.name:<{width}}  {t.encoding_name:<8}  {shape:<14}  {t.scale:>10.6g}  {t.offset:>12}  {t.nbytes:>12}"
+        )
+
+
+if __name__ == "__main__":
+    app()

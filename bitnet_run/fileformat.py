@@ -1,0 +1,452 @@
+"""The packed model file (`.bnr`, docs/format.md): constants, a streaming writer and a header reader.
+
+The writer never holds more than one tensor: it lays out the file from the tensor shapes alone,
+streams each tensor's bytes to its final offset as its producer returns them, and writes the
+header and tables last, because ternary scales are only known once a tensor has been quantized.
+"""
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+
+MAGIC = b"BNRF"
+VERSION = 1
+ALIGNMENT = 64
+HEADER_SIZE = 40
+MAX_KEY_LEN = 256
+MAX_DIMS = 4
+
+# Metadata value types.
+TYPE_U32 = 0
+TYPE_I32 = 1
+TYPE_F32 = 2
+TYPE_U64 = 3
+TYPE_STRING = 4
+TYPE_I32_ARRAY = 5
+TYPE_NAMES = {
+    TYPE_U32: "u32",
+    TYPE_I32: "i32",
+    TYPE_F32: "f32",
+    TYPE_U64: "u64",
+    TYPE_STRING: "string",
+    TYPE_I32_ARRAY: "i32 array",
+}
+
+# Tensor encodings; ids are never reused.
+ENCODING_F32 = 0
+ENCODING_F16 = 1
+ENCODING_BF16 = 2
+ENCODING_I2 = 3
+ENCODING_NAMES = {ENCODING_F32: "F32", ENCODING_F16: "F16", ENCODING_BF16: "BF16", ENCODING_I2: "I2"}
+# The numpy dtype each float encoding is stored as (bf16 as its raw bits).
+FLOAT_ENCODING_DTYPES = {
+    ENCODING_F32: np.dtype("<f4"),
+    ENCODING_F16: np.dtype("<f2"),
+    ENCODING_BF16: np.dtype("<u2"),
+}
+
+_HEADER = struct.Struct("<4sIIIQQQ")
+_U32 = struct.Struct("<I")
+_I32 = struct.Struct("<i")
+_F32 = struct.Struct("<f")
+_U64 = struct.Struct("<Q")
+
+MetadataValue = Union[int, float, str, list]
+
+
+def align_up(n: int, alignment: int = ALIGNMENT) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+def encoded_nbytes(encoding: int, dims: Sequence[int]) -> int:
+    """The exact data size the spec requires for a tensor of this encoding and shape."""
+    if encoding in FLOAT_ENCODING_DTYPES:
+        return FLOAT_ENCODING_DTYPES[encoding].itemsize * math.prod(dims)
+    if encoding == ENCODING_I2:
+        if len(dims) != 2:
+            raise ValueError(f"I2 tensors are 2-D, got dims {list(dims)}")
+        return dims[0] * ((dims[1] + 3) // 4)
+    raise ValueError(f"unknown encoding id {encoding}")
+
+
+# --------------------------------------------------------------------------- I2 packing
+
+
+def pack_i2(w: np.ndarray) -> np.ndarray:
+    """Pack a ternary int8 matrix [out, in] into I2 bytes [out, ceil(in/4)].
+
+    Element j of a row goes to byte j//4, bits 2*(j%4).. (lowest first), stored as w+1.
+    """
+    if w.ndim != 2:
+        raise ValueError(f"pack_i2 expects a 2-D matrix, got shape {w.shape}")
+    if w.size and (w.min() < -1 or w.max() > 1):
+        raise ValueError("pack_i2 expects ternary values in {-1, 0, 1}")
+    rows, cols = w.shape
+    padded_cols = (cols + 3) // 4 * 4
+    # Padding columns hold w = 0 (code 1), a valid ternary value that adds nothing to a dot product.
+    codes = np.ones((rows, padded_cols), dtype=np.uint8)
+    codes[:, :cols] = (w + 1).astype(np.uint8)
+    codes = codes.reshape(rows, padded_cols // 4, 4)
+    return codes[..., 0] | (codes[..., 1] << 2) | (codes[..., 2] << 4) | (codes[..., 3] << 6)
+
+
+def unpack_i2(packed: np.ndarray, in_features: int) -> np.ndarray:
+    """Inverse of pack_i2: I2 bytes [out, ceil(in/4)] -> int8 [out, in_features]."""
+    if packed.ndim != 2 or packed.shape[1] != (in_features + 3) // 4:
+        raise ValueError(f"I2 data of shape {packed.shape} does not hold rows of {in_features} values")
+    shifts = np.array([0, 2, 4, 6], dtype=np.uint8)
+    codes = (packed[..., None] >> shifts) & 3
+    if np.any(codes == 3):
+        raise ValueError("I2 data holds the invalid code 3")
+    return codes.reshape(packed.shape[0], -1)[:, :in_features].astype(np.int8) - 1
+
+
+# --------------------------------------------------------------------------- writer
+
+
+@dataclass
+class TensorData:
+    """What a tensor producer returns: the encoded bytes (any C-contiguous array) and its scale."""
+
+    data: np.ndarray
+    scale: float = 1.0
+
+
+@dataclass
+class _PlannedTensor:
+    name: str
+    encoding: int
+    dims: tuple[int, ...]
+    nbytes: int
+    produce: Callable[[], TensorData]
+    offset: int = 0
+    scale: float = 1.0
+
+
+def _encode_key(key: str) -> bytes:
+    raw = key.encode("ascii")
+    if not 0 < len(raw) <= MAX_KEY_LEN:
+        raise ValueError(f"metadata key {key!r} must be 1..{MAX_KEY_LEN} bytes")
+    return raw
+
+
+class Writer:
+    """Builds a .bnr file: add metadata and tensor producers, then `write(path)`.
+
+    A producer is called once, in the order tensors were added, and its bytes go straight to disk,
+    so memory stays near the largest tensor.
+    """
+
+    def __init__(self) -> None:
+        self._metadata: dict[str, tuple[int, MetadataValue]] = {}
+        self._tensors: list[_PlannedTensor] = []
+
+    # metadata ------------------------------------------------------------------------------
+
+    def _add(self, key: str, type_id: int, value: MetadataValue) -> None:
+        _encode_key(key)
+        if key in self._metadata:
+            raise ValueError(f"metadata key {key!r} added twice")
+        self._metadata[key] = (type_id, value)
+
+    def add_u32(self, key: str, value: int) -> None:
+        self._add(key, TYPE_U32, int(value))
+
+    def add_i32(self, key: str, value: int) -> None:
+        self._add(key, TYPE_I32, int(value))
+
+    def add_f32(self, key: str, value: float) -> None:
+        self._add(key, TYPE_F32, float(value))
+
+    def add_u64(self, key: str, value: int) -> None:
+        self._add(key, TYPE_U64, int(value))
+
+    def add_string(self, key: str, value: str) -> None:
+        if "\0" in value:
+            raise ValueError(f"metadata string {key!r} contains a NUL character")
+        self._add(key, TYPE_STRING, value)
+
+    def add_i32_array(self, key: str, values: Sequence[int]) -> None:
+        self._add(key, TYPE_I32_ARRAY, [int(v) for v in values])
+
+    # tensors -------------------------------------------------------------------------------
+
+    def add_tensor(
+        self, name: str, encoding: int, dims: Sequence[int], produce: Callable[[], TensorData]
+    ) -> None:
+        """Plan a tensor; `produce()` is called during `write` and must return exactly its bytes."""
+        dims = tuple(int(d) for d in dims)
+        if not 1 <= len(dims) <= MAX_DIMS or any(d <= 0 for d in dims):
+            raise ValueError(f"tensor {name!r}: dims {list(dims)} must be 1..{MAX_DIMS} positive sizes")
+        if any(t.name == name for t in self._tensors):
+            raise ValueError(f"tensor {name!r} added twice")
+        nbytes = encoded_nbytes(encoding, dims)
+        self._tensors.append(_PlannedTensor(name, encoding, dims, nbytes, produce))
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return [t.name for t in self._tensors]
+
+    # output --------------------------------------------------------------------------------
+
+    def _metadata_bytes(self) -> bytes:
+        out = bytearray()
+        for key, (type_id, value) in self._metadata.items():
+            raw_key = _encode_key(key)
+            out += _U32.pack(len(raw_key)) + raw_key + _U32.pack(type_id)
+            if type_id == TYPE_U32:
+                out += _U32.pack(value)
+            elif type_id == TYPE_I32:
+                out += _I32.pack(value)
+            elif type_id == TYPE_F32:
+                out += _F32.pack(value)
+            elif type_id == TYPE_U64:
+                out += _U64.pack(value)
+            elif type_id == TYPE_STRING:
+                raw = value.encode("utf-8")
+                out += _U64.pack(len(raw)) + raw
+            else:
+                out += _U64.pack(len(value)) + struct.pack(f"<{len(value)}i", *value)
+        return bytes(out)
+
+    def _tensor_table_bytes(self) -> bytes:
+        out = bytearray()
+        for t in self._tensors:
+            raw_name = t.name.encode("utf-8")
+            out += _U32.pack(len(raw_name)) + raw_name
+            out += struct.pack(f"<II{len(t.dims)}Q", t.encoding, len(t.dims), *t.dims)
+            out += _F32.pack(t.scale) + _U64.pack(t.offset) + _U64.pack(t.nbytes)
+        return bytes(out)
+
+    def write(self, path: str | os.PathLike, progress: Callable[[int, int, str], None] | None = None) -> None:
+        """Write the file; `progress(done, total, name)` is called after each tensor."""
+        offset = 0
+        for t in self._tensors:
+            t.offset = offset
+            offset = align_up(offset + t.nbytes)
+        # The table's size does not depend on the scales, so the layout is final before any data.
+        tables_size = HEADER_SIZE + len(self._metadata_bytes()) + len(self._tensor_table_bytes())
+        data_offset = align_up(tables_size)
+
+        with open(path, "wb") as f:
+            for done, t in enumerate(self._tensors, 1):
+                produced = t.produce()
+                data = np.ascontiguousarray(produced.data)
+                if data.nbytes != t.nbytes:
+                    raise ValueError(
+                        f"tensor {t.name!r}: producer returned {data.nbytes} bytes, "
+                        f"{ENCODING_NAMES[t.encoding]} {list(t.dims)} needs {t.nbytes}"
+                    )
+                t.scale = float(produced.scale)
+                f.seek(data_offset + t.offset)
+                f.write(memoryview(data).cast("B"))
+                del produced, data
+                if progress is not None:
+                    progress(done, len(self._tensors), t.name)
+            # Gaps and the trailing pad are zero: seeking past the end leaves zeros, and the file
+            # ends on an alignment boundary so every tensor's padding is physically there.
+            f.truncate(data_offset + offset)
+            f.seek(0)
+            f.write(_HEADER.pack(MAGIC, VERSION, ALIGNMENT, 0, len(self._metadata), len(self._tensors), data_offset))
+            f.write(self._metadata_bytes())
+            f.write(self._tensor_table_bytes())
+
+
+# --------------------------------------------------------------------------- reader
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    encoding: int
+    dims: tuple[int, ...]
+    scale: float
+    offset: int  # relative to data_offset
+    nbytes: int
+
+    @property
+    def encoding_name(self) -> str:
+        return ENCODING_NAMES[self.encoding]
+
+
+@dataclass
+class FileHeader:
+    path: Path
+    version: int
+    alignment: int
+    data_offset: int
+    file_size: int
+    metadata: dict[str, MetadataValue] = field(default_factory=dict)
+    metadata_types: dict[str, int] = field(default_factory=dict)
+    tensors: list[TensorInfo] = field(default_factory=list)  # in file order
+
+    def tensor(self, name: str) -> TensorInfo:
+        for info in self.tensors:
+            if info.name == name:
+                return info
+        raise KeyError(f"{self.path}: no tensor {name!r}")
+
+
+class _Cursor:
+    """Bounds-checked little-endian reads; every failure names the file and the field."""
+
+    def __init__(self, path: Path, buf: memoryview) -> None:
+        self.path = path
+        self.buf = buf
+        self.pos = 0
+
+    def fail(self, what: str) -> ValueError:
+        return ValueError(f"{self.path}: {what}")
+
+    def take(self, n: int, what: str) -> memoryview:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise self.fail(f"file ends inside {what} (needs {n} bytes at offset {self.pos})")
+        chunk = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def unpack(self, st: struct.Struct, what: str):
+        return st.unpack(self.take(st.size, what))[0]
+
+
+def _read_metadata_value(cur: _Cursor, key: str, type_id: int) -> MetadataValue:
+    what = f"metadata {key!r}"
+    if type_id == TYPE_U32:
+        return cur.unpack(_U32, what)
+    if type_id == TYPE_I32:
+        return cur.unpack(_I32, what)
+    if type_id == TYPE_F32:
+        return cur.unpack(_F32, what)
+    if type_id == TYPE_U64:
+        return cur.unpack(_U64, what)
+    if type_id == TYPE_STRING:
+        length = cur.unpack(_U64, f"{what} length")
+        raw = bytes(cur.take(length, what))
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise cur.fail(f"{what} is not valid UTF-8 ({e})") from None
+    if type_id == TYPE_I32_ARRAY:
+        count = cur.unpack(_U64, f"{what} count")
+        if count > (len(cur.buf) - cur.pos) // 4:
+            raise cur.fail(f"{what}: i32 array count {count} runs past the end of the file")
+        return list(struct.unpack(f"<{count}i", cur.take(4 * count, what)))
+    raise cur.fail(f"{what} has unknown value type {type_id}")
+
+
+def _read_tensor_record(cur: _Cursor, index: int) -> TensorInfo:
+    name_len = cur.unpack(_U32, f"tensor record {index} name length")
+    try:
+        name = bytes(cur.take(name_len, f"tensor record {index} name")).decode("utf-8")
+    except UnicodeDecodeError:
+        raise cur.fail(f"tensor record {index}: name is not valid UTF-8") from None
+    what = f"tensor {name!r}"
+    encoding = cur.unpack(_U32, f"{what} encoding")
+    n_dims = cur.unpack(_U32, f"{what} n_dims")
+    if not 1 <= n_dims <= MAX_DIMS:
+        raise cur.fail(f"{what}: n_dims is {n_dims}, expected 1..{MAX_DIMS}")
+    dims = tuple(struct.unpack(f"<{n_dims}Q", cur.take(8 * n_dims, f"{what} dims")))
+    scale = cur.unpack(_F32, f"{what} scale")
+    offset = cur.unpack(_U64, f"{what} offset")
+    nbytes = cur.unpack(_U64, f"{what} nbytes")
+    if encoding not in ENCODING_NAMES:
+        raise cur.fail(f"{what}: unknown encoding id {encoding} (this reader knows {sorted(ENCODING_NAMES)})")
+    if encoding == ENCODING_I2 and n_dims != 2:
+        raise cur.fail(f"{what}: I2 tensors are 2-D, dims are {list(dims)}")
+    if any(d == 0 for d in dims):
+        raise cur.fail(f"{what}: dims {list(dims)} contain a zero")
+    expected = encoded_nbytes(encoding, dims)
+    if nbytes != expected:
+        raise cur.fail(f"{what}: nbytes is {nbytes}, {ENCODING_NAMES[encoding]} {list(dims)} needs {expected}")
+    return TensorInfo(name, encoding, dims, scale, offset, nbytes)
+
+
+def read_header(path: str | os.PathLike) -> FileHeader:
+    """Parse and validate the header, metadata and tensor table of a .bnr file.
+
+    Raises ValueError naming the file and the offending field on any malformed input.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < HEADER_SIZE:
+                raise ValueError(f"{path}: {size} bytes is too short for a bitnet-run model file header")
+            # A mapping reads only the pages the tables touch, however large the weights are.
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                buf = memoryview(mm)
+                try:
+                    return _parse(path, buf, size)
+                finally:
+                    buf.release()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the file ({e.strerror or e})") from None
+
+
+def _parse(path: Path, buf: memoryview, size: int) -> FileHeader:
+    cur = _Cursor(path, buf)
+    magic, version, alignment, _reserved, n_kv, n_tensors, data_offset = _HEADER.unpack(cur.take(HEADER_SIZE, "header"))
+    if magic != MAGIC:
+        raise cur.fail(f"magic is {magic!r}, expected {MAGIC!r}: not a bitnet-run model file")
+    if version != VERSION:
+        raise cur.fail(f"version is {version}, this reader supports version {VERSION}")
+    if alignment == 0 or alignment & (alignment - 1):
+        raise cur.fail(f"alignment is {alignment}, expected a power of two ({ALIGNMENT})")
+    if data_offset % alignment or data_offset > size:
+        raise cur.fail(f"data_offset {data_offset} is not an aligned offset inside the {size}-byte file")
+    # Each metadata record takes at least 9 bytes and each tensor record at least 36.
+    if n_kv > size // 9 or n_tensors > size // 36:
+        raise cur.fail(f"n_kv {n_kv} / n_tensors {n_tensors} cannot fit in a {size}-byte file")
+
+    header = FileHeader(path, version, alignment, data_offset, size)
+    for index in range(n_kv):
+        key_len = cur.unpack(_U32, f"metadata record {index} key length")
+        if not 0 < key_len <= MAX_KEY_LEN:
+            raise cur.fail(f"metadata record {index}: key length {key_len}, expected 1..{MAX_KEY_LEN}")
+        try:
+            key = bytes(cur.take(key_len, f"metadata record {index} key")).decode("ascii")
+        except UnicodeDecodeError:
+            raise cur.fail(f"metadata record {index}: key is not ASCII") from None
+        if key in header.metadata:
+            raise cur.fail(f"metadata key {key!r} appears twice")
+        type_id = cur.unpack(_U32, f"metadata {key!r} type")
+        header.metadata[key] = _read_metadata_value(cur, key, type_id)
+        header.metadata_types[key] = type_id
+
+    names = set()
+    for index in range(n_tensors):
+        info = _read_tensor_record(cur, index)
+        if info.name in names:
+            raise cur.fail(f"tensor {info.name!r} appears twice")
+        if info.offset % alignment:
+            raise cur.fail(f"tensor {info.name!r}: offset {info.offset} is not a multiple of {alignment}")
+        if data_offset + info.offset + info.nbytes > size:
+            raise cur.fail(
+                f"tensor {info.name!r}: data [{info.offset}, {info.offset + info.nbytes}) after data_offset "
+                f"{data_offset} runs past the end of the {size}-byte file"
+            )
+        names.add(info.name)
+        header.tensors.append(info)
+
+    if cur.pos > data_offset:
+        raise cur.fail(f"data_offset {data_offset} lies inside the tables, which end at {cur.pos}")
+    return header
+
+
+def read_tensor(header: FileHeader, name: str) -> np.ndarray:
+    """A tensor's stored bytes as an array: float encodings shaped `dims` (BF16 as uint16 bits),
+    I2 as uint8 [rows, ceil(in/4)] (decode with unpack_i2)."""
+    info = header.tensor(name)
+    if info.encoding == ENCODING_I2:
+        dtype, shape = np.dtype(np.uint8), (info.dims[0], (info.dims[1] + 3) // 4)
+    else:
+        dtype, shape = FLOAT_ENCODING_DTYPES[info.encoding], info.dims
+    return np.fromfile(header.path, dtype=dtype, count=math.prod(shape), offset=header.data_offset + info.offset).reshape(shape)

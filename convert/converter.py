@@ -1,0 +1,55 @@
+"""convert_checkpoint: one Hugging Face BitNet checkpoint in, one .bnr file out."""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from bitnet_run import __version__
+from bitnet_run import fileformat as ff
+
+from . import bitnet
+from .checkpoint import Checkpoint
+from .hub import resolve_source
+from .tokenizer import add_tokenizer_metadata
+
+MODEL_SUFFIX = ".bnr"
+
+
+def convert_checkpoint(
+    src: str | Path, out: str | Path, progress: Callable[[int, int, str], None] | None = None
+) -> Path:
+    """Convert `src` (a checkpoint directory or a hub repo id) into the model file `out`.
+
+    When `out` is an existing directory the file is named after the checkpoint inside it.
+    `progress(done, total, name)` is called after each tensor is written. Raises ConversionError
+    for a checkpoint it does not understand; nothing is left at `out` when conversion fails.
+    Returns the path written.
+    """
+    directory, source = resolve_source(src)
+    name = source.rstrip("/").split("/")[-1]
+    checkpoint = Checkpoint(directory)
+    hp = bitnet.read_hyperparameters(checkpoint.config)
+
+    writer = ff.Writer()
+    writer.add_string("general.architecture", bitnet.ARCHITECTURE)
+    writer.add_string("general.name", name)
+    writer.add_string("general.source", source)
+    writer.add_string("general.converter", f"bitnet-run {__version__}")
+    bitnet.add_model_metadata(writer, hp)
+    add_tokenizer_metadata(writer, checkpoint, hp.vocab_size)
+    bitnet.add_tensors(writer, checkpoint, hp)
+
+    out = Path(out)
+    if out.is_dir():
+        out = out / (name + MODEL_SUFFIX)
+    # Written beside the target and renamed into place, so a failure never leaves a partial file.
+    # (A plain name rather than mkstemp, whose 0600 mode would carry over to the model file.)
+    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
+    try:
+        writer.write(tmp, progress)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out

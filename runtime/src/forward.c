@@ -1,0 +1,213 @@
+/* bn_eval: the BitNet b1.58 forward pass over a batch of tokens. A prompt and a single decoded
+ * token go through the same code; every op processes each token row of the batch. */
+#include <inttypes.h>
+
+#include "context.h"
+#include "error.h"
+#include "ops.h"
+
+/* One output of a fused BitLinear call: y[t*ldy + r] (+)= dot(q_t, w_r) / s_t * scale. */
+typedef struct {
+    const bn_i2_weight *w;
+    float *y;
+    size_t ldy;
+    int accumulate; /* add to y: the residual connection */
+} linear_out;
+
+/* Up to three BitLinears sharing one quantized input (q/k/v, gate/up), split by output rows. */
+typedef struct {
+    const bn_kernels *kern;
+    const int8_t *xq; /* [n_tok][cols] */
+    const float *xs;  /* [n_tok] */
+    uint32_t n_tok;
+    uint32_t cols;
+    int32_t *acc;     /* [n_tok][total_rows] */
+    uint32_t total_rows;
+    uint32_t n_out;
+    linear_out out[3];
+} linear_task;
+
+static void linear_worker(void *arg, uint32_t ith, uint32_t nth) {
+    const linear_task *task = arg;
+    uint64_t lo, hi;
+    bn_split(task->total_rows, ith, nth, &lo, &hi);
+    uint64_t base = 0; /* first row of out[o] among the concatenated rows */
+    for (uint32_t o = 0; o < task->n_out; base += task->out[o].w->rows, o++) {
+        const linear_out *out = &task->out[o];
+        const bn_i2_weight *w = out->w;
+        if (hi <= base || lo >= base + w->rows) continue; /* no rows of this output in our share */
+        uint64_t r0 = lo > base ? lo - base : 0;
+        uint64_t r1 = hi - base < w->rows ? hi - base : w->rows;
+        int32_t *acc = task->acc + base;
+        task->kern->i2_matmul(acc, task->total_rows, task->xq, task->cols, task->n_tok, w->data, w->cols,
+                              (uint32_t)r0, (uint32_t)r1);
+        for (uint32_t t = 0; t < task->n_tok; t++) {
+            const int32_t *at = acc + (size_t)t * task->total_rows;
+            float *yt = out->y + t * out->ldy;
+            for (uint64_t r = r0; r < r1; r++) {
+                float v = ((float)at[r] / task->xs[t]) * w->scale;
+                yt[r] = out->accumulate ? yt[r] + v : v;
+            }
+        }
+    }
+}
+
+/* Quantizes x [n][cols] (rows ld apart) into ctx->xq / ctx->xs, then runs the BitLinears `outs`. */
+static void bitlinear(bn_context *ctx, const float *x, size_t ld, uint32_t n, uint32_t cols,
+                      const linear_out *outs, uint32_t n_out) {
+    linear_task task = {ctx->kern, ctx->xq, ctx->xs, n, cols, ctx->acc, 0, n_out, {{0}}};
+    for (uint32_t t = 0; t < n; t++) ctx->xs[t] = bn_quantize_row_i8(ctx->xq + (size_t)t * cols, x + t * ld, cols);
+    for (uint32_t o = 0; o < n_out; o++) {
+        task.out[o] = outs[o];
+        task.total_rows += outs[o].w->rows;
+    }
+    bn_pool_run(ctx->pool, linear_worker, &task);
+}
+
+typedef struct {
+    bn_context *ctx;
+    uint32_t layer;
+    uint32_t n_tok;
+    uint32_t pos;
+} attention_task;
+
+/* Causal GQA attention of the batch's queries (ctx->q) over the cache, heads split across workers;
+ * writes the concatenated heads into ctx->xb. */
+static void attention_worker(void *arg, uint32_t ith, uint32_t nth) {
+    const attention_task *task = arg;
+    bn_context *ctx = task->ctx;
+    const bn_hparams *hp = &ctx->model->hp;
+    const uint32_t H = hp->hidden_size, D = hp->head_dim, group = hp->n_heads / hp->n_kv_heads;
+    const uint64_t KV = (uint64_t)hp->n_kv_heads * D;
+    const float *kc = ctx->key_cache + (uint64_t)task->layer * ctx->n_ctx * KV;
+    const float *vc = ctx->value_cache + (uint64_t)task->layer * ctx->n_ctx * KV;
+    uint64_t h0, h1;
+    bn_split(hp->n_heads, ith, nth, &h0, &h1);
+    for (uint64_t h = h0; h < h1; h++) {
+        const uint64_t kv_off = (h / group) * D;
+        float *att = ctx->att + h * ctx->n_ctx;
+        for (uint32_t t = 0; t < task->n_tok; t++) {
+            const uint64_t row = (uint64_t)t * H + h * D;
+            bn_attention_head(ctx->xb + row, ctx->q + row, kc + kv_off, vc + kv_off, KV, task->pos + t + 1, D,
+                              ctx->attn_scale, att);
+        }
+    }
+}
+
+typedef struct {
+    const bn_kernels *kern;
+    const bn_dense_weight *head;
+    const float *x; /* [n_tok][H] */
+    uint32_t n_tok;
+    float *logits;  /* [n_tok][vocab] */
+} head_task;
+
+static void head_worker(void *arg, uint32_t ith, uint32_t nth) {
+    const head_task *task = arg;
+    const bn_dense_weight *w = task->head;
+    uint64_t r0, r1;
+    bn_split(w->rows, ith, nth, &r0, &r1);
+    task->kern->dense_matmul(task->logits, w->rows, task->x, w->cols, task->n_tok, w->data, w->encoding, w->cols,
+                             (uint32_t)r0, (uint32_t)r1);
+}
+
+/* h = x + o_proj(attn_sub_norm(attention(input_layernorm(x)))), keys/values of the batch cached. */
+static void attention_block(bn_context *ctx, uint32_t il, uint32_t n, uint32_t pos) {
+    const bn_hparams *hp = &ctx->model->hp;
+    const bn_layer_weights *L = &ctx->model->w.layers[il];
+    const uint32_t H = hp->hidden_size, D = hp->head_dim, half = D / 2;
+    const uint64_t KV = (uint64_t)hp->n_kv_heads * D;
+    float *k = ctx->key_cache + ((uint64_t)il * ctx->n_ctx + pos) * KV;   /* [n][KV] rows pos.. */
+    float *v = ctx->value_cache + ((uint64_t)il * ctx->n_ctx + pos) * KV; /* [n][KV] */
+
+    for (uint32_t t = 0; t < n; t++) bn_rmsnorm(ctx->xb + t * H, ctx->x + t * H, L->attn_norm, H, hp->rms_norm_eps);
+    const linear_out qkv[3] = {{&L->q, ctx->q, H, 0}, {&L->k, k, KV, 0}, {&L->v, v, KV, 0}};
+    bitlinear(ctx, ctx->xb, H, n, H, qkv, 3);
+    for (uint32_t t = 0; t < n; t++) {
+        const float *c = ctx->rope_cos + (uint64_t)(pos + t) * half, *s = ctx->rope_sin + (uint64_t)(pos + t) * half;
+        bn_rope(ctx->q + t * H, hp->n_heads, D, c, s);
+        bn_rope(k + t * KV, hp->n_kv_heads, D, c, s);
+    }
+    attention_task task = {ctx, il, n, pos};
+    bn_pool_run(ctx->pool, attention_worker, &task);
+    for (uint32_t t = 0; t < n; t++) bn_rmsnorm(ctx->xb + t * H, ctx->xb + t * H, L->attn_sub_norm, H, hp->rms_norm_eps);
+    const linear_out o = {&L->o, ctx->x, H, 1};
+    bitlinear(ctx, ctx->xb, H, n, H, &o, 1);
+}
+
+/* x = h + down_proj(ffn_sub_norm(relu(gate_proj(n))^2 * up_proj(n))), n = post_attention_layernorm(h). */
+static void ffn_block(bn_context *ctx, uint32_t il, uint32_t n) {
+    const bn_hparams *hp = &ctx->model->hp;
+    const bn_layer_weights *L = &ctx->model->w.layers[il];
+    const uint32_t H = hp->hidden_size, I = hp->intermediate_size;
+
+    for (uint32_t t = 0; t < n; t++) bn_rmsnorm(ctx->xb + t * H, ctx->x + t * H, L->ffn_norm, H, hp->rms_norm_eps);
+    const linear_out gate_up[2] = {{&L->gate, ctx->gate, I, 0}, {&L->up, ctx->up, I, 0}};
+    bitlinear(ctx, ctx->xb, H, n, H, gate_up, 2);
+    for (uint32_t t = 0; t < n; t++) {
+        float *g = ctx->gate + (size_t)t * I;
+        bn_relu2_gate(g, ctx->up + (size_t)t * I, I);
+        bn_rmsnorm(g, g, L->ffn_sub_norm, I, hp->rms_norm_eps);
+    }
+    const linear_out down = {&L->down, ctx->x, H, 1};
+    bitlinear(ctx, ctx->gate, I, n, I, &down, 1);
+}
+
+/* Tokens at positions pos..pos+n-1 (n <= n_batch) through every layer; logits of rows
+ * [first_logit, n) into `logits` when it is not NULL. */
+static void forward_chunk(bn_context *ctx, const int32_t *tokens, uint32_t n, uint32_t pos, float *logits,
+                          uint32_t first_logit) {
+    const bn_model *m = ctx->model;
+    const uint32_t H = m->hp.hidden_size;
+    for (uint32_t t = 0; t < n; t++)
+        bn_dense_row_to_f32(ctx->x + t * H, m->w.embed.data, m->w.embed.encoding, (uint64_t)tokens[t], H);
+    for (uint32_t il = 0; il < m->hp.n_layers; il++) {
+        attention_block(ctx, il, n, pos);
+        ffn_block(ctx, il, n);
+    }
+    if (logits == NULL) return;
+    for (uint32_t t = first_logit; t < n; t++) bn_rmsnorm(ctx->xb + t * H, ctx->x + t * H, m->w.norm, H, m->hp.rms_norm_eps);
+    head_task task = {ctx->kern, &m->w.head, ctx->xb + (size_t)first_logit * H, n - first_logit, logits};
+    bn_pool_run(ctx->pool, head_worker, &task);
+}
+
+bn_status bn_eval(bn_context *ctx, const int32_t *tokens, uint32_t n_tokens, uint32_t pos, float *logits,
+                  int all_logits) {
+    if (ctx == NULL) return BN_ERR_ARG;
+    const uint32_t vocab = ctx->model->hp.vocab_size;
+    if (tokens == NULL || n_tokens == 0) {
+        bn_set_error(ctx->error, sizeof ctx->error, "no tokens given");
+        return BN_ERR_ARG;
+    }
+    if (pos > ctx->n_past) {
+        bn_set_error(ctx->error, sizeof ctx->error,
+                     "position %" PRIu32 " is beyond the %" PRIu32 " cached positions", pos, ctx->n_past);
+        return BN_ERR_ARG;
+    }
+    if ((uint64_t)pos + n_tokens > ctx->n_ctx) {
+        bn_set_error(ctx->error, sizeof ctx->error,
+                     "prompt of %" PRIu32 " tokens at position %" PRIu32 " does not fit in the context of %" PRIu32,
+                     n_tokens, pos, ctx->n_ctx);
+        return BN_ERR_CONTEXT;
+    }
+    for (uint32_t i = 0; i < n_tokens; i++) {
+        if (tokens[i] < 0 || (uint32_t)tokens[i] >= vocab) {
+            bn_set_error(ctx->error, sizeof ctx->error,
+                         "token id %" PRId32 " at index %" PRIu32 " (position %" PRIu32
+                         ") is out of range [0, %" PRIu32 ")",
+                         tokens[i], i, pos + i, vocab);
+            return BN_ERR_ARG;
+        }
+    }
+    for (uint32_t start = 0; start < n_tokens; start += ctx->n_batch) {
+        uint32_t n = n_tokens - start < ctx->n_batch ? n_tokens - start : ctx->n_batch;
+        int last = start + n == n_tokens;
+        float *out = NULL;
+        uint32_t first_logit = 0;
+        if (logits && all_logits) out = logits + (size_t)start * vocab;
+        else if (logits && last) out = logits, first_logit = n - 1;
+        forward_chunk(ctx, tokens + start, n, pos + start, out, first_logit);
+    }
+    ctx->n_past = pos + n_tokens;
+    return BN_OK;
+}

@@ -1,0 +1,68 @@
+#include "kernels.h"
+
+#include "model_file.h"
+#include "ops.h"
+
+/* I2 code -> weight; code 3 is invalid in the format and counts as 0 rather than trusting the file. */
+static const int8_t i2_value[4] = {-1, 0, 1, 0};
+
+static void i2_matmul_ref(int32_t *y, size_t ldy, const int8_t *x, size_t ldx, uint32_t n_tok, const uint8_t *w,
+                          uint32_t cols, uint32_t r0, uint32_t r1) {
+    const uint32_t row_bytes = (cols + 3) / 4;
+    const uint32_t full = cols / 4; /* bytes whose 4 codes are all inside the row */
+    for (uint32_t r = r0; r < r1; r++) {
+        const uint8_t *wr = w + (size_t)r * row_bytes;
+        for (uint32_t t = 0; t < n_tok; t++) {
+            const int8_t *xt = x + t * ldx;
+            int32_t acc = 0;
+            for (uint32_t b = 0; b < full; b++) {
+                uint8_t c = wr[b];
+                const int8_t *xb = xt + 4 * b;
+                acc += xb[0] * i2_value[c & 3] + xb[1] * i2_value[(c >> 2) & 3] + xb[2] * i2_value[(c >> 4) & 3] +
+                       xb[3] * i2_value[c >> 6];
+            }
+            for (uint32_t j = 4 * full; j < cols; j++) acc += xt[j] * i2_value[(wr[j / 4] >> (2 * (j % 4))) & 3];
+            y[t * ldy + r] = acc;
+        }
+    }
+}
+
+static float dot_f32(const float *x, const float *w, uint32_t n) {
+    float acc = 0.0f;
+    for (uint32_t j = 0; j < n; j++) acc += x[j] * w[j];
+    return acc;
+}
+
+static float dot_f16(const float *x, const uint16_t *w, uint32_t n) {
+    float acc = 0.0f;
+    for (uint32_t j = 0; j < n; j++) acc += x[j] * bn_fp16_to_f32(w[j]);
+    return acc;
+}
+
+static float dot_bf16(const float *x, const uint16_t *w, uint32_t n) {
+    float acc = 0.0f;
+    for (uint32_t j = 0; j < n; j++) acc += x[j] * bn_bf16_to_f32(w[j]);
+    return acc;
+}
+
+static void dense_matmul_ref(float *y, size_t ldy, const float *x, size_t ldx, uint32_t n_tok, const void *w,
+                             uint32_t encoding, uint32_t cols, uint32_t r0, uint32_t r1) {
+    for (uint32_t r = r0; r < r1; r++) {
+        for (uint32_t t = 0; t < n_tok; t++) {
+            const float *xt = x + t * ldx;
+            float v;
+            if (encoding == BN_ENC_F32) v = dot_f32(xt, (const float *)w + (size_t)r * cols, cols);
+            else if (encoding == BN_ENC_F16) v = dot_f16(xt, (const uint16_t *)w + (size_t)r * cols, cols);
+            else v = dot_bf16(xt, (const uint16_t *)w + (size_t)r * cols, cols);
+            y[t * ldy + r] = v;
+        }
+    }
+}
+
+const bn_kernels bn_kernels_ref = {
+    .name = "ref",
+    .i2_matmul = i2_matmul_ref,
+    .dense_matmul = dense_matmul_ref,
+};
+
+const bn_kernels *bn_kernels_select(void) { return &bn_kernels_ref; }

@@ -1,0 +1,55 @@
+/* The loaded model: hyperparameters and typed views of every weight, pointing into the map. */
+#ifndef BN_MODEL_H
+#define BN_MODEL_H
+
+#include <stdint.h>
+
+#include "bitnet.h"
+#include "model_file.h"
+
+/* Ternary BitLinear weight, encoding I2: [rows][ceil(cols/4)] bytes; y = dot(q, w) / s * scale. */
+typedef struct {
+    const uint8_t *data;
+    uint32_t rows; /* out_features */
+    uint32_t cols; /* in_features */
+    float scale;
+} bn_i2_weight;
+
+/* Float matrix [rows][cols] in F32, F16 or BF16 (embedding, output head). */
+typedef struct {
+    const void *data;
+    uint32_t encoding;
+    uint32_t rows;
+    uint32_t cols;
+} bn_dense_weight;
+
+typedef struct {
+    const float *attn_norm;     /* [H] input_layernorm */
+    bn_i2_weight q;             /* [n_heads*D, H] */
+    bn_i2_weight k;             /* [n_kv_heads*D, H] */
+    bn_i2_weight v;             /* [n_kv_heads*D, H] */
+    const float *attn_sub_norm; /* [H] */
+    bn_i2_weight o;             /* [H, n_heads*D] */
+    const float *ffn_norm;      /* [H] post_attention_layernorm */
+    bn_i2_weight gate;          /* [I, H] */
+    bn_i2_weight up;            /* [I, H] */
+    const float *ffn_sub_norm;  /* [I] */
+    bn_i2_weight down;          /* [H, I] */
+} bn_layer_weights;
+
+typedef struct {
+    bn_dense_weight embed;    /* [vocab, H] model.embed_tokens.weight */
+    const float *norm;        /* [H] model.norm */
+    bn_dense_weight head;     /* [vocab, H] lm_head.weight, or embed when tied */
+    bn_layer_weights *layers; /* [n_layers] */
+} bn_weights;
+
+struct bn_model {
+    bn_file file;
+    bn_hparams hp;
+    bn_weights w;
+    uint64_t n_bytes;  /* tensor data bytes in the file */
+    uint64_t n_params; /* elements of all tensors in the file */
+};
+
+#endif

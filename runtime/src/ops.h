@@ -1,0 +1,31 @@
+/* Scalar reference operators of the forward pass (float32 numerics of transformers' BitNet). */
+#ifndef BN_OPS_H
+#define BN_OPS_H
+
+#include <stdint.h>
+
+float bn_fp16_to_f32(uint16_t h);
+float bn_bf16_to_f32(uint16_t h);
+/* out[n] = row `row` of a [rows][n] F32/F16/BF16 matrix, as float. */
+void bn_dense_row_to_f32(float *out, const void *data, uint32_t encoding, uint64_t row, uint32_t n);
+
+/* out[n] = x * (1 / sqrt(mean(x^2) + eps)) * w; out may alias x. */
+void bn_rmsnorm(float *out, const float *x, const float *w, uint32_t n, float eps);
+
+/* BitLinear activation quantization of one row: q[n] = clamp(round_half_even(x * s), -128, 127) with
+ * s = 127 / max(max|x|, 1e-5); returns s. */
+float bn_quantize_row_i8(int8_t *q, const float *x, uint32_t n);
+
+/* Rotates each of the n_heads vectors v[h*D .. h*D+D) in place by one position's angles (HF
+ * rotate_half: element i pairs with i + D/2); cos_t, sin_t are [D/2]. */
+void bn_rope(float *v, uint32_t n_heads, uint32_t D, const float *cos_t, const float *sin_t);
+
+/* One query head attending over n_pos cached positions: out[D] = softmax(q . k_j * scale) . v_j.
+ * k, v are [n_pos][stride] (the head's slice starts at k, v); att is [n_pos] scratch. */
+void bn_attention_head(float *out, const float *q, const float *k, const float *v, uint64_t stride,
+                       uint32_t n_pos, uint32_t D, float scale, float *att);
+
+/* g[n] = relu(g)^2 * u (squared-ReLU gate). */
+void bn_relu2_gate(float *g, const float *u, uint32_t n);
+
+#endif

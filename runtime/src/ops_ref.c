@@ -1,0 +1,96 @@
+/* Scalar reference operators. Each follows the float32 order of operations of transformers'
+ * BitNetForCausalLM so that results match it to rounding (docs/format.md, "Numerics"). */
+#include "ops.h"
+
+#include <math.h>
+#include <string.h>
+
+#include "model_file.h"
+
+static float f32_from_bits(uint32_t bits) {
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+float bn_fp16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu;
+    uint32_t man = h & 0x3ffu;
+    if (exp == 0x1f) return f32_from_bits(sign | 0x7f800000u | (man << 13)); /* inf, nan */
+    if (exp != 0) return f32_from_bits(sign | ((exp + 127 - 15) << 23) | (man << 13));
+    float sub = (float)man * 0x1p-24f; /* zero or subnormal: man * 2^-24, exact in float */
+    return sign ? -sub : sub;
+}
+
+float bn_bf16_to_f32(uint16_t h) { return f32_from_bits((uint32_t)h << 16); }
+
+void bn_dense_row_to_f32(float *out, const void *data, uint32_t encoding, uint64_t row, uint32_t n) {
+    if (encoding == BN_ENC_F32) {
+        memcpy(out, (const float *)data + row * n, n * sizeof *out);
+        return;
+    }
+    const uint16_t *src = (const uint16_t *)data + row * n;
+    for (uint32_t i = 0; i < n; i++) out[i] = encoding == BN_ENC_F16 ? bn_fp16_to_f32(src[i]) : bn_bf16_to_f32(src[i]);
+}
+
+void bn_rmsnorm(float *out, const float *x, const float *w, uint32_t n, float eps) {
+    /* Squares rounded to float like torch's pow(2); the sum in double only removes summation error. */
+    double ss = 0.0;
+    for (uint32_t i = 0; i < n; i++) ss += (double)(x[i] * x[i]);
+    float r = 1.0f / sqrtf((float)(ss / n) + eps);
+    for (uint32_t i = 0; i < n; i++) out[i] = (x[i] * r) * w[i];
+}
+
+float bn_quantize_row_i8(int8_t *q, const float *x, uint32_t n) {
+    float amax = 0.0f;
+    for (uint32_t i = 0; i < n; i++) amax = fmaxf(amax, fabsf(x[i]));
+    float s = 127.0f / fmaxf(amax, 1e-5f);
+    for (uint32_t i = 0; i < n; i++) {
+        float v = rintf(x[i] * s); /* half to even in the default rounding mode, like torch.round */
+        q[i] = (int8_t)fminf(fmaxf(v, -128.0f), 127.0f);
+    }
+    return s;
+}
+
+void bn_rope(float *v, uint32_t n_heads, uint32_t D, const float *cos_t, const float *sin_t) {
+    uint32_t half = D / 2;
+    for (uint32_t h = 0; h < n_heads; h++) {
+        float *x = v + (uint64_t)h * D;
+        for (uint32_t i = 0; i < half; i++) {
+            float a = x[i], b = x[i + half];
+            x[i] = a * cos_t[i] - b * sin_t[i];
+            x[i + half] = b * cos_t[i] + a * sin_t[i];
+        }
+    }
+}
+
+void bn_attention_head(float *out, const float *q, const float *k, const float *v, uint64_t stride,
+                       uint32_t n_pos, uint32_t D, float scale, float *att) {
+    float max = -INFINITY;
+    for (uint32_t j = 0; j < n_pos; j++) {
+        const float *kj = k + j * stride;
+        float dot = 0.0f;
+        for (uint32_t i = 0; i < D; i++) dot += q[i] * kj[i];
+        att[j] = dot * scale;
+        max = fmaxf(max, att[j]);
+    }
+    float sum = 0.0f;
+    for (uint32_t j = 0; j < n_pos; j++) {
+        att[j] = expf(att[j] - max);
+        sum += att[j];
+    }
+    memset(out, 0, D * sizeof *out);
+    for (uint32_t j = 0; j < n_pos; j++) {
+        const float *vj = v + j * stride;
+        float p = att[j] / sum;
+        for (uint32_t i = 0; i < D; i++) out[i] += p * vj[i];
+    }
+}
+
+void bn_relu2_gate(float *g, const float *u, uint32_t n) {
+    for (uint32_t i = 0; i < n; i++) {
+        float r = g[i] > 0.0f ? g[i] : 0.0f;
+        g[i] = (r * r) * u[i];
+    }
+}

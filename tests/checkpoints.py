@@ -1,0 +1,268 @@
+"""Tiny random checkpoints in both released BitNet b1.58 formats, and the transformers reference.
+
+- master (like microsoft/bitnet-b1.58-2B-4T-bf16): bf16 weights, quantization_mode "online";
+- packed (like microsoft/bitnet-b1.58-2B-4T): linears quantized the transformers way and packed with
+  transformers' pack_weights into uint8 [out/4, in] plus a `weight_scale` of shape [1], "offline".
+
+Both come with a real byte-level BPE tokenizer (Llama 3 style specials, trained once per process)
+and a chat template in the 2B-4T "User: ...<|eot_id|>Assistant: " style.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+BOS, EOS, EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first %}{{ bos_token }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '<|eot_id|>' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + '<|eot_id|>' }}"
+    "{% elif message['role'] == 'system' %}{{ 'System: ' + message['content'] + '<|eot_id|>' }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+)
+TOKENIZER_MERGES_VOCAB = 360  # 256 byte tokens + merges; the 3 specials come after
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_WORDS = (
+    "the a one two small large model token user assistant system hello world how are you today "
+    "what is this that ternary weight bit net runs fast on a cpu with only a few cores and little "
+    "memory it reads the file once maps every tensor and writes text back to the screen quickly "
+    "once upon a time there was a little cat who liked to sleep in the sun by the river every day "
+    "she walked to the market bought bread and milk then came home to read a good book"
+).split()
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def _training_text() -> list[str]:
+    """A few KB of deterministic pseudo-English, chat markers included, for BPE training."""
+    rng = random.Random(0)
+    lines = []
+    for i in range(120):
+        words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 12)))
+        lines.append(f"{'User' if i % 2 else 'Assistant'}: {words.capitalize()}{rng.choice('.?!,')}")
+    return lines
+
+
+@functools.lru_cache(maxsize=None)
+def tokenizer_json() -> str:
+    """The tokenizer.json text: byte-level BPE with the Llama 3 pre-tokenizer and BOS post-processor."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    llama3_split = (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(llama3_split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_MERGES_VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator(_training_text(), trainer)
+    tokenizer.add_special_tokens([BOS, EOS, EOT])
+    bos_id = tokenizer.token_to_id(BOS)
+    tokenizer.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]),
+    ])
+    return tokenizer.to_str()
+
+
+def special_ids() -> dict[str, int]:
+    added = json.loads(tokenizer_json())["added_tokens"]
+    return {t["content"]: t["id"] for t in added}
+
+
+def write_tokenizer_files(directory: Path, max_pos: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "tokenizer.json").write_text(tokenizer_json(), encoding="utf-8")
+    tokenizer_config = {
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "chat_template": CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": True,
+        "model_max_length": max_pos,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+
+
+# --------------------------------------------------------------------------- configs and weights
+
+
+def make_config(
+    vocab: int = 384,
+    hidden: int = 128,
+    intermediate: int = 344,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    tied: bool = True,
+    max_pos: int = 256,
+    rope_theta: float = 500000.0,
+) -> dict:
+    """config.json of a tiny BitNetForCausalLM (the writers add quantization_config)."""
+    ids = special_ids()
+    if vocab <= max(ids.values()):
+        raise ValueError(f"vocab {vocab} is smaller than the tokenizer's {max(ids.values()) + 1} tokens")
+    return {
+        "architectures": ["BitNetForCausalLM"],
+        "model_type": "bitnet",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "hidden_act": "relu2",
+        "max_position_embeddings": max_pos,
+        "rms_norm_eps": 1e-5,
+        "rope_parameters": {"rope_theta": rope_theta, "rope_type": "default"},
+        "tie_word_embeddings": tied,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "bos_token_id": ids[BOS],
+        "eos_token_id": ids[EOS],
+        "dtype": "bfloat16",
+    }
+
+
+def _quantization_config(mode: str) -> dict:
+    return {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": mode}
+
+
+def master_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
+    """Random bf16 master weights that make a non-degenerate model: linear weights N(0, 1/in) keep
+    BitLinear outputs O(1), norms are 1 + noise, embeddings give logits of a few units."""
+    rng = np.random.default_rng(seed)
+    H, I, V = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    D = H // config["num_attention_heads"]
+    q, kv = config["num_attention_heads"] * D, config["num_key_value_heads"] * D
+
+    def normal(shape, std):
+        return torch.from_numpy(rng.normal(0.0, std, shape).astype(np.float32)).bfloat16()
+
+    def norm(size):
+        return torch.from_numpy((1.0 + 0.1 * rng.standard_normal(size)).astype(np.float32)).bfloat16()
+
+    shapes = {"self_attn.q_proj": (q, H), "self_attn.k_proj": (kv, H), "self_attn.v_proj": (kv, H),
+              "self_attn.o_proj": (H, q), "mlp.gate_proj": (I, H), "mlp.up_proj": (I, H), "mlp.down_proj": (H, I)}
+    tensors = {"model.embed_tokens.weight": normal((V, H), 2.0 / np.sqrt(H)), "model.norm.weight": norm(H)}
+    if not config["tie_word_embeddings"]:
+        tensors["lm_head.weight"] = normal((V, H), 2.0 / np.sqrt(H))
+    for i in range(config["num_hidden_layers"]):
+        L = f"model.layers.{i}"
+        tensors[f"{L}.input_layernorm.weight"] = norm(H)
+        tensors[f"{L}.post_attention_layernorm.weight"] = norm(H)
+        tensors[f"{L}.self_attn.attn_sub_norm.weight"] = norm(H)
+        tensors[f"{L}.mlp.ffn_sub_norm.weight"] = norm(I)
+        for proj in PROJECTIONS:
+            out_features, in_features = shapes[proj]
+            tensors[f"{L}.{proj}.weight"] = normal((out_features, in_features), 1.0 / np.sqrt(in_features))
+    return tensors
+
+
+def _write(directory: Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    write_tokenizer_files(directory, config["max_position_embeddings"])
+    return directory
+
+
+def write_master_checkpoint(directory: Path, config: dict, seed: int) -> Path:
+    """A -bf16 style checkpoint: bf16 master weights, quantized by transformers at each forward."""
+    config = {**config, "quantization_config": _quantization_config("online")}
+    return _write(directory, config, master_weights(config, seed))
+
+
+def quantize_like_transformers(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ternary int8 [out, in], float32 scale [1]) from transformers' own WeightQuant, run eagerly.
+
+    WeightQuant returns w / g in float32; w is its sign and, for w = +-1, its magnitude is the scale
+    1/g exactly, which is what the packed format stores as weight_scale."""
+    from transformers.integrations.bitnet import WeightQuant
+
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        dequantized = WeightQuant.apply(weight.float())
+    return torch.sign(dequantized).to(torch.int8), dequantized.abs().max().reshape(1)
+
+
+def packed_tensors(master: dict[str, torch.Tensor], scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    from transformers.integrations.bitnet import pack_weights
+
+    packed = {}
+    for name, tensor in master.items():
+        if name.removesuffix(".weight").endswith(PROJECTIONS):
+            ternary, scale = quantize_like_transformers(tensor)
+            packed[name] = pack_weights(ternary.clone())  # pack_weights adds 1 in place
+            packed[name.removesuffix(".weight") + ".weight_scale"] = scale.to(scale_dtype)
+        else:
+            packed[name] = tensor
+    return packed
+
+
+def write_packed_checkpoint(directory: Path, config: dict, seed: int, scale_dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A 2B-4T style checkpoint: uint8 packed linears + weight_scale (bf16 like the release)."""
+    config = {**config, "quantization_config": _quantization_config("offline")}
+    return _write(directory, config, packed_tensors(master_weights(config, seed), scale_dtype))
+
+
+def packed_from_master(master_dir: Path, out_dir: Path, scale_dtype: torch.dtype = torch.bfloat16) -> Path:
+    """The packed checkpoint of the same weights as a master checkpoint."""
+    master_dir = Path(master_dir)
+    config = json.loads((master_dir / "config.json").read_text())
+    config["quantization_config"] = _quantization_config("offline")
+    return _write(out_dir, config, packed_tensors(load_file(master_dir / "model.safetensors"), scale_dtype))
+
+
+def shard_checkpoint(src_dir: Path, out_dir: Path, shards: int = 3) -> Path:
+    """The same checkpoint split into `shards` safetensors files with a model.safetensors.index.json."""
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for side_file in src_dir.iterdir():
+        if side_file.suffix == ".json":
+            (out_dir / side_file.name).write_bytes(side_file.read_bytes())
+    tensors = load_file(src_dir / "model.safetensors")
+    names = list(tensors)
+    weight_map = {}
+    for k in range(shards):
+        shard = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: tensors[n] for n in names[k::shards]}
+        save_file(part, out_dir / shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, shard))
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return out_dir
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def load_reference(directory: Path):
+    """transformers' BitNetForCausalLM on the checkpoint, every float parameter/buffer in float32.
+
+    Quantized models refuse model.float(), and norms/embeddings keep their stored dtype otherwise."""
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, output_loading_info=True)
+    if info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]:
+        raise AssertionError(f"{directory}: checkpoint does not match BitNetForCausalLM: {info}")
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.is_floating_point():
+                tensor.data = tensor.data.float()
+    return model.eval()

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny checkpoints in the released formats, converted and loaded on both sides."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # the checkpoint builders in tests/checkpoints.py
+
+INTERMEDIATE = {128: 344, 256: 688}  # multiples of 4 (packing), not of 8 or 3
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """Builds (once per argument set) a tiny random checkpoint, converts it, and loads our Model and
+    the transformers reference on it."""
+    from bitnet_run import Model
+    from bitnet_run.convert import convert_checkpoint
+    from checkpoints import load_reference, make_config, write_master_checkpoint, write_packed_checkpoint
+
+    built = {}
+
+    def build(fmt: str, hidden: int, heads: int, kv_heads: int, tied: bool, seed: int, layers: int = 2):
+        key = (fmt, hidden, heads, kv_heads, tied, seed, layers)
+        if key not in built:
+            root = tmp_path_factory.mktemp(f"{fmt}-{hidden}-{heads}-{kv_heads}-{int(tied)}-{seed}")
+            config = make_config(
+                hidden=hidden, intermediate=INTERMEDIATE[hidden], layers=layers, heads=heads,
+                kv_heads=kv_heads, tied=tied,
+            )
+            writer = write_packed_checkpoint if fmt == "packed" else write_master_checkpoint
+            writer(root / "hf", config, seed)
+            path = convert_checkpoint(root / "hf", root / "model.bnr")
+            built[key] = SimpleNamespace(
+                model=Model(path, n_threads=2), reference=load_reference(root / "hf"), seed=seed,
+                checkpoint=root / "hf", path=path,
+            )
+        return built[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_factory):
+    """One small packed model for API, CLI and error tests."""
+    return tiny_model_factory(fmt="packed", hidden=128, heads=4, kv_heads=2, tied=True, seed=7)
