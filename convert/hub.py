@@ -23,10 +23,13 @@ def download_snapshot(repo_id: str) -> Path:
 
 
 def resolve_source(src: str | Path) -> tuple[Path, str]:
-    """(local checkpoint directory, label for general.source) of a path or hub repo id."""
+    """(local checkpoint directory, label for general.source) of a path or hub repo id.
+
+    A local checkpoint is labelled by its folder name, not its absolute path, so that converting the
+    same checkpoint anywhere gives the same bytes (the shipped demo model is checked that way)."""
     path = Path(src).expanduser()
     if path.is_dir():
-        return path.resolve(), str(path.resolve())
+        return path.resolve(), path.resolve().name
     if path.exists():
         raise ConversionError(f"{src}: is a file (expected a checkpoint directory or a hub repo id)")
     if isinstance(src, str) and _REPO_ID.match(src):
