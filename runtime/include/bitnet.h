@@ -97,6 +97,39 @@ bn_status bn_eval(bn_context *ctx, const int32_t *tokens, uint32_t n_tokens, uin
 
 /* The message of the last failed call on this context ("" if none). */
 const char *bn_context_error(const bn_context *ctx);
+
+/* ---- memory bandwidth probe ---- */
+/* Best read bandwidth in GB/s (1e9 bytes/s) over `repeats` timed passes (0 counts as 1) of n_threads
+ * threads (0: one per online CPU) summing a freshly allocated buffer of `bytes` bytes, each thread its
+ * contiguous share. Make `bytes` much larger than the last-level cache (e.g. 512 MiB). Returns -1 when
+ * the buffer or the threads cannot be allocated and -2 for bad arguments (too few bytes for the
+ * threads, more than 1024 threads); never prints. */
+double bn_membw_read_gbps(uint64_t bytes, uint32_t n_threads, uint32_t repeats);
+/* ---- kernels (introspection, for tests and benchmarks) ---- */
+/* The weight-kernel variants usable on this CPU: index 0 is the scalar reference ("ref"), then from
+ * slowest to fastest (e.g. "avx2"). Every variant gives bit-identical results to the reference. */
+uint32_t bn_kernels_count(void);
+/* A variant's name, NULL if variant >= bn_kernels_count(). */
+const char *bn_kernels_name(uint32_t variant);
+/* The index of the variant a new context would use now (honours BITNET_RUN_KERNELS=ref|avx2). */
+uint32_t bn_kernels_selected(void);
+/* The CPU features detected, space-separated (e.g. "sse4.2 avx avx2 fma f16c"). */
+const char *bn_kernels_cpu_features(void);
+
+/* y[t][r] = sum_j x[t][j] * w[r][j] exactly, for t < n_tok, r < rows: x int8 [n_tok][cols], w I2
+ * rows of ceil(cols/4) bytes (docs/format.md; code 3 counts as 0), y int32 [n_tok][rows]. Rows are
+ * split over n_threads threads (0 or 1: the calling thread). BN_ERR_ARG for a bad variant. */
+bn_status bn_kernels_i2_matmul(uint32_t variant, uint32_t n_threads, int32_t *y, const int8_t *x, uint32_t n_tok,
+                               const uint8_t *w, uint32_t rows, uint32_t cols);
+/* The same in float for a dense [rows][cols] matrix w of encoding 0 (F32), 1 (F16) or 2 (BF16). */
+bn_status bn_kernels_dense_matmul(uint32_t variant, uint32_t n_threads, float *y, const float *x, uint32_t n_tok,
+                                  const void *w, uint32_t encoding, uint32_t rows, uint32_t cols);
+/* Times `repeats` calls (after one warm-up) of a variant's kernel on random data of that shape:
+ * encoding 3 (I2) for the ternary kernel, 0/1/2 for the dense one; n_threads threads split the rows.
+ * Cycles through enough weight copies to read at least min_weight_bytes (0: one copy, cache-warm).
+ * seconds[repeats] receives each call's wall time. */
+bn_status bn_kernels_time(uint32_t variant, uint32_t encoding, uint32_t n_threads, uint32_t n_tok, uint32_t rows,
+                          uint32_t cols, uint32_t repeats, uint64_t min_weight_bytes, double *seconds);
 /* CDEF-END */
 
 #ifdef __cplusplus

@@ -1,5 +1,10 @@
 #include "kernels.h"
 
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu.h"
+
 #include "model_file.h"
 #include "ops.h"
 
@@ -65,4 +70,54 @@ const bn_kernels bn_kernels_ref = {
     .dense_matmul = dense_matmul_ref,
 };
 
-const bn_kernels *bn_kernels_select(void) { return &bn_kernels_ref; }
+/* ---- selection: the one place where CPU features pick a variant ---- */
+
+static int usable_always(const bn_cpu_features *f) {
+    (void)f;
+    return 1;
+}
+
+#if defined(__x86_64__)
+static int usable_avx2(const bn_cpu_features *f) { return f->avx2 && f->f16c; }
+#endif
+
+static const struct {
+    const bn_kernels *kernels;
+    int (*usable)(const bn_cpu_features *);
+} registry[] = {
+    {&bn_kernels_ref, usable_always},
+#if defined(__x86_64__)
+    {&bn_kernels_avx2, usable_avx2},
+#endif
+};
+
+#define N_REGISTRY (sizeof registry / sizeof registry[0])
+
+uint32_t bn_kernels_n_available(void) {
+    const bn_cpu_features *f = bn_cpu_get_features();
+    uint32_t n = 0;
+    for (size_t i = 0; i < N_REGISTRY; i++) n += registry[i].usable(f) ? 1 : 0;
+    return n;
+}
+
+const bn_kernels *bn_kernels_available(uint32_t i) {
+    const bn_cpu_features *f = bn_cpu_get_features();
+    for (size_t k = 0; k < N_REGISTRY; k++) {
+        if (!registry[k].usable(f)) continue;
+        if (i-- == 0) return registry[k].kernels;
+    }
+    return NULL;
+}
+
+const bn_kernels *bn_kernels_select(void) {
+    const uint32_t n = bn_kernels_n_available();
+    const char *want = getenv("BITNET_RUN_KERNELS");
+    if (want && want[0]) {
+        for (uint32_t i = 0; i < n; i++) {
+            const bn_kernels *k = bn_kernels_available(i);
+            if (strcmp(k->name, want) == 0) return k;
+        }
+        return &bn_kernels_ref; /* unknown, or not usable on this CPU */
+    }
+    return bn_kernels_available(n - 1);
+}

@@ -20,10 +20,23 @@ typedef struct {
                          uint32_t encoding, uint32_t cols, uint32_t r0, uint32_t r1);
 } bn_kernels;
 
-/* The scalar reference; every other variant must agree with it. */
+/* The scalar reference; every other variant must agree with it (bit for bit: the float kernels too,
+ * as they sum each row in the same order, with separate multiplies and adds). */
 extern const bn_kernels bn_kernels_ref;
 
-/* The kernels the runtime uses on this CPU (the only place where a variant is chosen). */
+#if defined(__x86_64__)
+/* AVX2 (+F16C) variant, runtime/src/arch/x86/kernels_avx2.c; compiled with target attributes, so the
+ * default build stays portable. Call only when bn_cpu_get_features() reports avx2 and f16c. */
+extern const bn_kernels bn_kernels_avx2;
+#endif
+
+/* The variants usable on this CPU, index 0 the reference, then from slowest to fastest. */
+uint32_t bn_kernels_n_available(void);
+const bn_kernels *bn_kernels_available(uint32_t i); /* NULL if i is out of range */
+
+/* The kernels the runtime uses on this CPU (the only place where a variant is chosen): the fastest
+ * available one, unless the environment variable BITNET_RUN_KERNELS names one (ref, avx2); a name
+ * that is unknown or not usable on this CPU gives the reference. */
 const bn_kernels *bn_kernels_select(void);
 
 #endif

@@ -1,0 +1,385 @@
+/* AVX2 (+F16C) kernels, bit-exact with the scalar reference in runtime/src/kernels.c.
+ *
+ * Every function here carries BN_AVX2 (a target attribute) instead of the file being compiled with
+ * -mavx2: cffi builds all sources with the same flags, and the default build must run on CPUs
+ * without AVX. bn_kernels_select() hands these out only when the CPU (and OS) support them.
+ *
+ * I2 matmul. A row's byte k holds elements 4k..4k+3 (bits 2i..2i+1 = code of element 4k+i). The
+ * activations of each token are deinterleaved once per call into blocks of 128 elements made of
+ * 4 planes of 32 bytes (plane i, lane k = x[4k + i]), zero-padded to whole blocks, so that lane k
+ * of ((32 weight bytes >> 2i) & 3) multiplies lane k of plane i. Codes c in {0,1,2} are w + 1, so
+ * dot(x, w) = sum(c * x) - sum(x): maddubs(c, x) (u8 x s8 pairs, |.| <= 2*2*128 = 512: no
+ * saturation), summed in int16 over at most 8 blocks (|.| <= 16384), widened with madd(ones).
+ * Code 3 counts as 0: a 4-entry pshufb table maps codes {0,1,2,3} -> {0,1,2,1}. Zero padding makes
+ * whatever codes sit past `cols` harmless. Several tokens (up to 4) share each unpacked weight block.
+ *
+ * Dense matmul (output head). To stay bit-identical with the reference, which sums each row left
+ * to right with a separate multiply and add per element, the 8 lanes of a vector are 8 rows (not 8
+ * columns): an 8x8 weight tile is transposed in registers, then for each column j
+ * acc[row lanes] = acc + x[j] * w[rows][j] (mulps + addps, never FMA), the same operations in the
+ * same order as the reference, per row. */
+#if defined(__x86_64__)
+
+#include <immintrin.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+#include "model_file.h"
+#include "ops.h"
+
+#define BN_AVX2 __attribute__((target("avx2,f16c")))
+#define BN_INLINE static inline __attribute__((always_inline))
+
+enum {
+    I2_BLOCK = 128,      /* weights per 32-byte vector of codes */
+    I2_GROUP = 8,        /* blocks summed in int16 before widening */
+    I2_TOKENS = 4,       /* tokens sharing one unpacked weight block */
+    I2_ROW_BLOCK = 16,   /* rows kept hot in cache while all token groups pass over them */
+    I2_TOKEN_CHUNK = 64, /* tokens deinterleaved per pass (bounds the scratch memory) */
+    DENSE_CHAINS = 8,  /* accumulators (rows x tokens) of one dense_rows call, at most */
+};
+#ifndef DENSE_PREFETCH
+#define DENSE_PREFETCH 256 /* bytes ahead in each of the 8 row streams */
+#endif
+#ifndef I2_PREFETCH
+#define I2_PREFETCH 2048 /* bytes ahead in the weight stream (rows are contiguous) */
+#endif
+
+/* ---- per-thread scratch for the deinterleaved activations (freed when the thread exits) ---- */
+
+typedef struct {
+    size_t cap;
+} scratch_hdr;
+
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static int scratch_ok;
+
+static void scratch_destroy(void *p) { free(p); }
+static void scratch_init(void) { scratch_ok = pthread_key_create(&scratch_key, scratch_destroy) == 0; }
+
+/* A 64-byte aligned buffer of at least n bytes for this thread, or NULL. */
+static void *scratch_get(size_t n) {
+    pthread_once(&scratch_once, scratch_init);
+    if (!scratch_ok) return NULL;
+    scratch_hdr *s = pthread_getspecific(scratch_key);
+    if (s && s->cap >= n) return (char *)s + 64;
+    free(s);
+    pthread_setspecific(scratch_key, NULL);
+    size_t cap = (n + 63) / 64 * 64;
+    s = aligned_alloc(64, 64 + cap);
+    if (!s) return NULL;
+    s->cap = cap;
+    if (pthread_setspecific(scratch_key, s) != 0) {
+        free(s);
+        return NULL;
+    }
+    return (char *)s + 64;
+}
+
+/* ---- helpers ---- */
+
+BN_AVX2 BN_INLINE int32_t hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+BN_AVX2 BN_INLINE int64_t hsum_epi64(__m256i v) {
+    __m128i s = _mm_add_epi64(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi64(s, _mm_unpackhi_epi64(s, s));
+    return _mm_cvtsi128_si64(s);
+}
+
+/* ---- I2 ---- */
+
+/* Deinterleaves one token row x[cols] into ceil(cols/128) blocks of 4 planes (see the top);
+ * returns sum(x). */
+BN_AVX2 static int32_t i2_prep_row(int8_t *dst, const int8_t *x, uint32_t cols) {
+    const __m256i shuf = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, 0, 4, 8, 12, 1, 5,
+                                          9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const __m256i bias = _mm256_set1_epi8((char)0x80);
+    const __m256i zero = _mm256_setzero_si256();
+    __m256i sum = zero; /* sum(x + 128) over all (padded) bytes, in 4 u64 lanes */
+    const uint32_t nblk = (cols + I2_BLOCK - 1) / I2_BLOCK;
+    int8_t tmp[I2_BLOCK];
+    for (uint32_t b = 0; b < nblk; b++) {
+        const int8_t *src = x + (size_t)b * I2_BLOCK;
+        if ((size_t)(b + 1) * I2_BLOCK > cols) { /* the last, partial block: zero-pad */
+            memset(tmp, 0, sizeof tmp);
+            memcpy(tmp, src, cols - (size_t)b * I2_BLOCK);
+            src = tmp;
+        }
+        __m256i v[4];
+        for (int m = 0; m < 4; m++) {
+            __m256i a = _mm256_loadu_si256((const __m256i *)(src + 32 * m));
+            sum = _mm256_add_epi64(sum, _mm256_sad_epu8(_mm256_xor_si256(a, bias), zero));
+            /* qword i = plane i for elements 32m .. 32m+31 of the block */
+            v[m] = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(a, shuf), perm);
+        }
+        __m256i lo01 = _mm256_unpacklo_epi64(v[0], v[1]), hi01 = _mm256_unpackhi_epi64(v[0], v[1]);
+        __m256i lo23 = _mm256_unpacklo_epi64(v[2], v[3]), hi23 = _mm256_unpackhi_epi64(v[2], v[3]);
+        int8_t *d = dst + (size_t)b * I2_BLOCK;
+        _mm256_store_si256((__m256i *)(d + 0), _mm256_permute2x128_si256(lo01, lo23, 0x20));
+        _mm256_store_si256((__m256i *)(d + 32), _mm256_permute2x128_si256(hi01, hi23, 0x20));
+        _mm256_store_si256((__m256i *)(d + 64), _mm256_permute2x128_si256(lo01, lo23, 0x31));
+        _mm256_store_si256((__m256i *)(d + 96), _mm256_permute2x128_si256(hi01, hi23, 0x31));
+    }
+    return (int32_t)(hsum_epi64(sum) - (int64_t)128 * I2_BLOCK * nblk);
+}
+
+/* Adds the products of one block of 32 weight bytes with NT tokens' planes into acc16. */
+BN_AVX2 BN_INLINE void i2_block(__m256i w, const int8_t *p, size_t tstride, int NT, __m256i *acc16) {
+    const __m256i m3 = _mm256_set1_epi8(3);
+    const __m256i lut = _mm256_setr_epi8(0, 1, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 1, 0, 0, 0, 0, 0, 0,
+                                         0, 0, 0, 0, 0, 0);
+    const __m256i c0 = _mm256_shuffle_epi8(lut, _mm256_and_si256(w, m3));
+    const __m256i c1 = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(w, 2), m3));
+    const __m256i c2 = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(w, 4), m3));
+    const __m256i c3 = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(w, 6), m3));
+    for (int t = 0; t < NT; t++) {
+        const int8_t *pt = p + t * tstride;
+        __m256i a = _mm256_add_epi16(_mm256_maddubs_epi16(c0, _mm256_load_si256((const __m256i *)(pt + 0))),
+                                     _mm256_maddubs_epi16(c1, _mm256_load_si256((const __m256i *)(pt + 32))));
+        __m256i b = _mm256_add_epi16(_mm256_maddubs_epi16(c2, _mm256_load_si256((const __m256i *)(pt + 64))),
+                                     _mm256_maddubs_epi16(c3, _mm256_load_si256((const __m256i *)(pt + 96))));
+        acc16[t] = _mm256_add_epi16(acc16[t], _mm256_add_epi16(a, b));
+    }
+}
+
+/* out[t] = dot(row wr, token t) for NT tokens whose planes start tstride bytes apart. */
+BN_AVX2 BN_INLINE void i2_row(const uint8_t *wr, uint32_t row_bytes, const int8_t *planes, size_t tstride,
+                               const int32_t *sums, int NT, int32_t *out) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc32[I2_TOKENS], acc16[I2_TOKENS];
+    for (int t = 0; t < NT; t++) acc32[t] = acc16[t] = _mm256_setzero_si256();
+    const uint32_t nfull = row_bytes / 32, tail = row_bytes % 32;
+    uint32_t b = 0;
+    while (b < nfull) {
+        const uint32_t end = b + I2_GROUP < nfull ? b + I2_GROUP : nfull;
+        for (; b < end; b++) {
+            _mm_prefetch((const char *)(wr + 32 * (size_t)b + I2_PREFETCH), _MM_HINT_T0);
+            i2_block(_mm256_loadu_si256((const __m256i *)(wr + 32 * (size_t)b)), planes + (size_t)b * I2_BLOCK,
+                     tstride, NT, acc16);
+        }
+        for (int t = 0; t < NT; t++) {
+            acc32[t] = _mm256_add_epi32(acc32[t], _mm256_madd_epi16(acc16[t], ones));
+            acc16[t] = _mm256_setzero_si256();
+        }
+    }
+    if (tail) { /* copy so as not to read past the matrix; the padded codes meet zero activations */
+        uint8_t tmp[32] = {0};
+        memcpy(tmp, wr + 32 * (size_t)nfull, tail);
+        i2_block(_mm256_loadu_si256((const __m256i *)tmp), planes + (size_t)nfull * I2_BLOCK, tstride, NT, acc16);
+        for (int t = 0; t < NT; t++) acc32[t] = _mm256_add_epi32(acc32[t], _mm256_madd_epi16(acc16[t], ones));
+    }
+    for (int t = 0; t < NT; t++) out[t] = hsum_epi32(acc32[t]) - sums[t];
+}
+
+/* Instances with a constant token count, so that the accumulators live in registers. */
+BN_AVX2 static void i2_row1(const uint8_t *wr, uint32_t rb, const int8_t *p, size_t ts, const int32_t *s, int32_t *o) {
+    i2_row(wr, rb, p, ts, s, 1, o);
+}
+BN_AVX2 static void i2_row2(const uint8_t *wr, uint32_t rb, const int8_t *p, size_t ts, const int32_t *s, int32_t *o) {
+    i2_row(wr, rb, p, ts, s, 2, o);
+}
+BN_AVX2 static void i2_row3(const uint8_t *wr, uint32_t rb, const int8_t *p, size_t ts, const int32_t *s, int32_t *o) {
+    i2_row(wr, rb, p, ts, s, 3, o);
+}
+BN_AVX2 static void i2_row4(const uint8_t *wr, uint32_t rb, const int8_t *p, size_t ts, const int32_t *s, int32_t *o) {
+    i2_row(wr, rb, p, ts, s, 4, o);
+}
+
+BN_AVX2 static void i2_matmul_avx2(int32_t *y, size_t ldy, const int8_t *x, size_t ldx, uint32_t n_tok,
+                                   const uint8_t *w, uint32_t cols, uint32_t r0, uint32_t r1) {
+    if (r0 >= r1 || n_tok == 0) return;
+    const uint32_t row_bytes = (cols + 3) / 4;
+    const size_t tstride = (size_t)(cols + I2_BLOCK - 1) / I2_BLOCK * I2_BLOCK; /* bytes of planes per token */
+    const uint32_t chunk = n_tok < I2_TOKEN_CHUNK ? n_tok : I2_TOKEN_CHUNK;
+    int8_t *planes = scratch_get(chunk * tstride + chunk * sizeof(int32_t));
+    if (!planes) { /* out of memory: the reference gives the same result */
+        bn_kernels_ref.i2_matmul(y, ldy, x, ldx, n_tok, w, cols, r0, r1);
+        return;
+    }
+    int32_t *sums = (int32_t *)(planes + chunk * tstride);
+    void (*const row_fn[I2_TOKENS + 1])(const uint8_t *, uint32_t, const int8_t *, size_t, const int32_t *,
+                                        int32_t *) = {NULL, i2_row1, i2_row2, i2_row3, i2_row4};
+
+    for (uint32_t t0 = 0; t0 < n_tok; t0 += chunk) {
+        const uint32_t nt = n_tok - t0 < chunk ? n_tok - t0 : chunk;
+        for (uint32_t t = 0; t < nt; t++) sums[t] = i2_prep_row(planes + t * tstride, x + (t0 + t) * ldx, cols);
+        for (uint32_t rb = r0; rb < r1; rb += I2_ROW_BLOCK) {
+            const uint32_t re = r1 - rb < I2_ROW_BLOCK ? r1 : rb + I2_ROW_BLOCK;
+            for (uint32_t tb = 0; tb < nt; tb += I2_TOKENS) {
+                const uint32_t k = nt - tb < I2_TOKENS ? nt - tb : I2_TOKENS;
+                for (uint32_t r = rb; r < re; r++) {
+                    int32_t out[I2_TOKENS];
+                    row_fn[k](w + (size_t)r * row_bytes, row_bytes, planes + tb * tstride, tstride, sums + tb, out);
+                    for (uint32_t i = 0; i < k; i++) y[(t0 + tb + i) * ldy + r] = out[i];
+                }
+            }
+        }
+    }
+}
+
+/* ---- dense (output head) ---- */
+
+BN_AVX2 BN_INLINE __m256 half8_to_f32(int enc, __m128i h) {
+    if (enc == BN_ENC_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); /* BF16 */
+}
+
+/* In-register transpose of 8 vectors of 8 lanes: out[j] lane i = a[i] lane j. */
+BN_AVX2 BN_INLINE void transpose8_ps(const __m256 a[8], __m256 out[8]) {
+    __m256 t[8], s[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(a[i], a[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(a[i], a[i + 1]);
+    }
+    for (int h = 0; h < 8; h += 4) { /* rows h..h+3: s = lanes 0/4, 1/5, 2/6, 3/7 */
+        s[h + 0] = _mm256_shuffle_ps(t[h + 0], t[h + 2], 0x44);
+        s[h + 1] = _mm256_shuffle_ps(t[h + 0], t[h + 2], 0xee);
+        s[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0x44);
+        s[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0xee);
+    }
+    for (int j = 0; j < 4; j++) {
+        out[j] = _mm256_permute2f128_ps(s[j], s[j + 4], 0x20);
+        out[j + 4] = _mm256_permute2f128_ps(s[j], s[j + 4], 0x31);
+    }
+}
+
+/* Columns per tile: BF16 tiles are 8 rows x 16 columns, transposed as 32-bit pairs of columns and
+ * split with a shift and a mask (no shuffle per conversion); F32/F16 tiles are 8 x 8. */
+#define DENSE_TILE_COLS(enc) ((enc) == BN_ENC_BF16 ? 16 : 8)
+
+/* col[j] = w[r + 0..7][j0 + j] as floats, for j < DENSE_TILE_COLS(enc). */
+BN_AVX2 BN_INLINE void dense_tile(int enc, const void *w, uint32_t cols, uint32_t r, uint32_t j0, __m256 col[16]) {
+    __m256 a[8];
+    if (enc == BN_ENC_F32) {
+        const float *p = (const float *)w + (size_t)r * cols + j0;
+        for (int i = 0; i < 8; i++) a[i] = _mm256_loadu_ps(p + (size_t)i * cols);
+        transpose8_ps(a, col);
+        return;
+    }
+    const uint16_t *p = (const uint16_t *)w + (size_t)r * cols + j0;
+    if (enc == BN_ENC_F16) {
+        for (int i = 0; i < 8; i++) a[i] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + (size_t)i * cols)));
+        transpose8_ps(a, col);
+        return;
+    }
+    __m256 v[8]; /* BF16: v[k] lane i = row i's columns 2k (low half) and 2k+1 (high half) */
+    for (int i = 0; i < 8; i++) a[i] = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)(p + (size_t)i * cols)));
+    transpose8_ps(a, v);
+    const __m256 hi_mask = _mm256_castsi256_ps(_mm256_set1_epi32((int)0xffff0000u));
+    for (int k = 0; k < 8; k++) {
+        col[2 * k] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(v[k]), 16));
+        col[2 * k + 1] = _mm256_and_ps(v[k], hi_mask);
+    }
+}
+
+BN_AVX2 BN_INLINE float dense_at(int enc, const void *w, uint32_t cols, uint32_t r, uint32_t j) {
+    const size_t i = (size_t)r * cols + j;
+    if (enc == BN_ENC_F32) return ((const float *)w)[i];
+    if (enc == BN_ENC_F16) return bn_fp16_to_f32(((const uint16_t *)w)[i]);
+    return bn_bf16_to_f32(((const uint16_t *)w)[i]);
+}
+
+/* Rows r .. r+8*RT-1 for tokens t0 .. t0+NT-1. Each row is one dependent chain of adds (the
+ * reference's order), so RT*NT independent chains hide the add latency. */
+BN_AVX2 BN_INLINE void dense_rows(int enc, int NT, int RT, float *y, size_t ldy, const float *x, size_t ldx,
+                                  uint32_t t0, const void *w, uint32_t cols, uint32_t r) {
+    __m256 acc[DENSE_CHAINS];
+    for (int i = 0; i < NT * RT; i++) acc[i] = _mm256_setzero_ps();
+    const uint32_t step = DENSE_TILE_COLS(enc), cols_tiled = cols / step * step;
+    const size_t esize = enc == BN_ENC_F32 ? 4 : 2;
+    const char *wb = (const char *)w + (size_t)r * cols * esize;
+    for (uint32_t j0 = 0; j0 < cols_tiled; j0 += step) {
+        if ((j0 * esize) % 64 == 0) /* a line ahead in each row, once per line */
+            for (int i = 0; i < 8 * RT; i++)
+                _mm_prefetch(wb + ((size_t)i * cols + j0) * esize + DENSE_PREFETCH, _MM_HINT_T0);
+        for (int rt = 0; rt < RT; rt++) {
+            __m256 col[16];
+            dense_tile(enc, w, cols, r + 8 * rt, j0, col);
+            for (int j = 0; j < (int)step; j++)
+                for (int t = 0; t < NT; t++) {
+                    const __m256 xv = _mm256_broadcast_ss(x + (t0 + t) * ldx + j0 + j);
+                    acc[rt * NT + t] = _mm256_add_ps(acc[rt * NT + t], _mm256_mul_ps(xv, col[j]));
+                }
+        }
+    }
+    for (int rt = 0; rt < RT; rt++)
+        for (int t = 0; t < NT; t++) {
+            float v[8];
+            _mm256_storeu_ps(v, acc[rt * NT + t]);
+            const float *xt = x + (t0 + t) * ldx;
+            const uint32_t rr = r + 8 * rt;
+            for (uint32_t j = cols_tiled; j < cols; j++)
+                for (int i = 0; i < 8; i++) v[i] += xt[j] * dense_at(enc, w, cols, rr + i, j);
+            for (int i = 0; i < 8; i++) y[(t0 + t) * ldy + rr + i] = v[i];
+        }
+}
+
+BN_AVX2 BN_INLINE void dense_enc(int enc, float *y, size_t ldy, const float *x, size_t ldx, uint32_t n_tok,
+                                 const void *w, uint32_t cols, uint32_t r0, uint32_t r8) {
+    for (uint32_t r = r0; r < r8;) {
+        const int wide = r8 - r >= 32; /* 4 tiles of 8 rows for 1-2 tokens */
+        uint32_t t0 = 0;
+        for (; t0 + 4 <= n_tok; t0 += 4) {
+            dense_rows(enc, 4, 1, y, ldy, x, ldx, t0, w, cols, r);
+            if (wide)
+                for (int k = 1; k < 4; k++) dense_rows(enc, 4, 1, y, ldy, x, ldx, t0, w, cols, r + 8 * k);
+        }
+        switch (n_tok - t0) {
+        case 3:
+            for (int k = 0; k < (wide ? 4 : 1); k++) dense_rows(enc, 3, 1, y, ldy, x, ldx, t0, w, cols, r + 8 * k);
+            break;
+        case 2:
+            if (wide) dense_rows(enc, 2, 4, y, ldy, x, ldx, t0, w, cols, r);
+            else dense_rows(enc, 2, 1, y, ldy, x, ldx, t0, w, cols, r);
+            break;
+        case 1:
+            if (wide) dense_rows(enc, 1, 4, y, ldy, x, ldx, t0, w, cols, r);
+            else dense_rows(enc, 1, 1, y, ldy, x, ldx, t0, w, cols, r);
+            break;
+        default: break;
+        }
+        r += wide ? 32 : 8;
+    }
+}
+
+BN_AVX2 static void dense_f32(float *y, size_t ldy, const float *x, size_t ldx, uint32_t n_tok, const void *w,
+                              uint32_t cols, uint32_t r0, uint32_t r8) {
+    dense_enc(BN_ENC_F32, y, ldy, x, ldx, n_tok, w, cols, r0, r8);
+}
+BN_AVX2 static void dense_f16(float *y, size_t ldy, const float *x, size_t ldx, uint32_t n_tok, const void *w,
+                              uint32_t cols, uint32_t r0, uint32_t r8) {
+    dense_enc(BN_ENC_F16, y, ldy, x, ldx, n_tok, w, cols, r0, r8);
+}
+BN_AVX2 static void dense_bf16(float *y, size_t ldy, const float *x, size_t ldx, uint32_t n_tok, const void *w,
+                               uint32_t cols, uint32_t r0, uint32_t r8) {
+    dense_enc(BN_ENC_BF16, y, ldy, x, ldx, n_tok, w, cols, r0, r8);
+}
+
+BN_AVX2 static void dense_matmul_avx2(float *y, size_t ldy, const float *x, size_t ldx, uint32_t n_tok,
+                                      const void *w, uint32_t encoding, uint32_t cols, uint32_t r0, uint32_t r1) {
+    if (r0 >= r1 || n_tok == 0) return;
+    const uint32_t r8 = r0 + (r1 - r0) / 8 * 8; /* whole groups of 8 rows; the rest by the reference */
+    if (encoding == BN_ENC_F32) dense_f32(y, ldy, x, ldx, n_tok, w, cols, r0, r8);
+    else if (encoding == BN_ENC_F16) dense_f16(y, ldy, x, ldx, n_tok, w, cols, r0, r8);
+    else dense_bf16(y, ldy, x, ldx, n_tok, w, cols, r0, r8);
+    if (r8 < r1) bn_kernels_ref.dense_matmul(y, ldy, x, ldx, n_tok, w, encoding, cols, r8, r1);
+}
+
+const bn_kernels bn_kernels_avx2 = {
+    .name = "avx2",
+    .i2_matmul = i2_matmul_avx2,
+    .dense_matmul = dense_matmul_avx2,
+};
+
+#else
+typedef int bn_kernels_avx2_unused; /* not x86-64: nothing to compile (ISO C forbids an empty file) */
+#endif

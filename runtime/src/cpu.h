@@ -1,0 +1,24 @@
+/* CPU feature detection (cpuid + xgetbv: a feature counts only if the OS saves its register state).
+ * Used by bn_kernels_select() to pick the kernel variant; nothing else should test CPU features. */
+#ifndef BN_CPU_H
+#define BN_CPU_H
+
+typedef struct {
+    int sse42;
+    int avx;    /* AVX with OS support for the ymm state */
+    int avx2;
+    int fma;
+    int f16c;
+    int avx512f; /* with OS support for the zmm/opmask state */
+    int avx512bw;
+    int avx512vnni;
+    int avxvnni;
+} bn_cpu_features;
+
+/* Detected once (thread-safe); all zero on non-x86 CPUs. */
+const bn_cpu_features *bn_cpu_get_features(void);
+
+/* Space-separated names of the detected features, e.g. "sse4.2 avx avx2 fma f16c" ("" if none). */
+const char *bn_cpu_features_string(void);
+
+#endif

@@ -1,0 +1,133 @@
+/* The kernels' introspection API (bitnet.h, "kernels" section): run any available variant on given
+ * inputs, so that tests can compare variants and benchmarks can time them. */
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "bitnet.h"
+#include "cpu.h"
+#include "kernels.h"
+#include "model_file.h"
+#include "threadpool.h"
+
+uint32_t bn_kernels_count(void) { return bn_kernels_n_available(); }
+
+const char *bn_kernels_name(uint32_t variant) {
+    const bn_kernels *k = bn_kernels_available(variant);
+    return k ? k->name : NULL;
+}
+
+uint32_t bn_kernels_selected(void) {
+    const bn_kernels *sel = bn_kernels_select();
+    for (uint32_t i = 0; i < bn_kernels_n_available(); i++)
+        if (bn_kernels_available(i) == sel) return i;
+    return 0;
+}
+
+const char *bn_kernels_cpu_features(void) { return bn_cpu_features_string(); }
+
+typedef struct {
+    const bn_kernels *k;
+    uint32_t encoding; /* BN_ENC_I2: the ternary kernel, else the dense one */
+    void *y;
+    const void *x;
+    uint32_t n_tok;
+    const void *w;
+    uint32_t rows, cols;
+} run_task;
+
+static void run_worker(void *arg, uint32_t ith, uint32_t nth) {
+    const run_task *t = arg;
+    uint64_t r0, r1;
+    bn_split(t->rows, ith, nth, &r0, &r1);
+    if (t->encoding == BN_ENC_I2)
+        t->k->i2_matmul(t->y, t->rows, t->x, t->cols, t->n_tok, t->w, t->cols, (uint32_t)r0, (uint32_t)r1);
+    else
+        t->k->dense_matmul(t->y, t->rows, t->x, t->cols, t->n_tok, t->w, t->encoding, t->cols, (uint32_t)r0,
+                           (uint32_t)r1);
+}
+
+static bn_status run(uint32_t variant, uint32_t n_threads, run_task *task) {
+    task->k = bn_kernels_available(variant);
+    if (!task->k || !task->y || (!task->x && task->cols) || (!task->w && task->cols) ||
+        task->encoding > BN_ENC_I2)
+        return BN_ERR_ARG;
+    if (n_threads <= 1) {
+        run_worker(task, 0, 1);
+        return BN_OK;
+    }
+    bn_pool *pool;
+    bn_status st = bn_pool_new(&pool, n_threads);
+    if (st != BN_OK) return st;
+    bn_pool_run(pool, run_worker, task);
+    bn_pool_free(pool);
+    return BN_OK;
+}
+
+bn_status bn_kernels_i2_matmul(uint32_t variant, uint32_t n_threads, int32_t *y, const int8_t *x, uint32_t n_tok,
+                               const uint8_t *w, uint32_t rows, uint32_t cols) {
+    run_task task = {NULL, BN_ENC_I2, y, x, n_tok, w, rows, cols};
+    return run(variant, n_threads, &task);
+}
+
+bn_status bn_kernels_dense_matmul(uint32_t variant, uint32_t n_threads, float *y, const float *x, uint32_t n_tok,
+                                  const void *w, uint32_t encoding, uint32_t rows, uint32_t cols) {
+    if (encoding == BN_ENC_I2) return BN_ERR_ARG;
+    run_task task = {NULL, encoding, y, x, n_tok, w, rows, cols};
+    return run(variant, n_threads, &task);
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static uint64_t next_rand(uint64_t *s) {
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    return *s;
+}
+
+bn_status bn_kernels_time(uint32_t variant, uint32_t encoding, uint32_t n_threads, uint32_t n_tok, uint32_t rows,
+                          uint32_t cols, uint32_t repeats, uint64_t min_weight_bytes, double *seconds) {
+    const bn_kernels *k = bn_kernels_available(variant);
+    if (!k || encoding > BN_ENC_I2 || !seconds || rows == 0 || cols == 0 || n_tok == 0) return BN_ERR_ARG;
+    const size_t w_bytes = encoding == BN_ENC_I2 ? (size_t)rows * ((cols + 3) / 4)
+                                                 : (size_t)rows * cols * (encoding == BN_ENC_F32 ? 4 : 2);
+    size_t copies = min_weight_bytes > w_bytes ? (size_t)((min_weight_bytes + w_bytes - 1) / w_bytes) : 1;
+    const size_t x_size = encoding == BN_ENC_I2 ? 1 : sizeof(float), y_size = 4;
+    unsigned char *w = malloc(w_bytes * copies);
+    unsigned char *x = malloc((size_t)n_tok * cols * x_size);
+    unsigned char *y = malloc((size_t)n_tok * rows * y_size);
+    bn_pool *pool = NULL;
+    bn_status st = (!w || !x || !y) ? BN_ERR_NOMEM : bn_pool_new(&pool, n_threads ? n_threads : 1);
+    if (st != BN_OK) goto done;
+    uint64_t s = 0x9e3779b97f4a7c15u;
+    if (encoding == BN_ENC_I2) {
+        for (size_t i = 0; i < w_bytes * copies; i++) w[i] = (unsigned char)next_rand(&s);
+        for (size_t i = 0; i < (size_t)n_tok * cols; i++) x[i] = (unsigned char)next_rand(&s);
+    } else {
+        for (size_t i = 0; i < w_bytes * copies; i += 2) { /* small finite values in every 16-bit encoding */
+            uint16_t h = (uint16_t)(0x3000 + (next_rand(&s) & 0x0fff));
+            memcpy(w + i, &h, 2);
+        }
+        float *xf = (float *)x;
+        for (size_t i = 0; i < (size_t)n_tok * cols; i++) xf[i] = (float)(next_rand(&s) % 2001) / 1000.0f - 1.0f;
+    }
+    run_task task = {k, encoding, y, x, n_tok, NULL, rows, cols};
+    for (uint32_t i = 0; i <= repeats; i++) { /* one untimed warm-up call */
+        task.w = w + (i % copies) * w_bytes;
+        double t0 = now_s();
+        bn_pool_run(pool, run_worker, &task);
+        double t1 = now_s();
+        if (i > 0) seconds[i - 1] = t1 - t0;
+    }
+done:
+    bn_pool_free(pool);
+    free(w);
+    free(x);
+    free(y);
+    return st;
+}
