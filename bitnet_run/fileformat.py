@@ -45,7 +45,17 @@ ENCODING_F32 = 0
 ENCODING_F16 = 1
 ENCODING_BF16 = 2
 ENCODING_I2 = 3
-ENCODING_NAMES = {ENCODING_F32: "F32", ENCODING_F16: "F16", ENCODING_BF16: "BF16", ENCODING_I2: "I2"}
+ENCODING_TL1 = 4
+ENCODING_TL2 = 5
+ENCODING_NAMES = {
+    ENCODING_F32: "F32", ENCODING_F16: "F16", ENCODING_BF16: "BF16", ENCODING_I2: "I2", ENCODING_TL1: "TL1",
+    ENCODING_TL2: "TL2",
+}
+# The ternary (BitLinear) weight encodings.
+TERNARY_ENCODINGS = (ENCODING_I2, ENCODING_TL1, ENCODING_TL2)
+# TL1/TL2 group the rows into tiles of this many rows (docs/format.md).
+TL_TILE = 32
+TL2_GROUP_BYTES = 40
 # The numpy dtype each float encoding is stored as (bf16 as its raw bits).
 FLOAT_ENCODING_DTYPES = {
     ENCODING_F32: np.dtype("<f4"),
@@ -70,11 +80,25 @@ def encoded_nbytes(encoding: int, dims: Sequence[int]) -> int:
     """The exact data size the spec requires for a tensor of this encoding and shape."""
     if encoding in FLOAT_ENCODING_DTYPES:
         return FLOAT_ENCODING_DTYPES[encoding].itemsize * math.prod(dims)
-    if encoding == ENCODING_I2:
+    if encoding in TERNARY_ENCODINGS:
         if len(dims) != 2:
-            raise ValueError(f"I2 tensors are 2-D, got dims {list(dims)}")
-        return dims[0] * ((dims[1] + 3) // 4)
+            raise ValueError(f"{ENCODING_NAMES[encoding]} tensors are 2-D, got dims {list(dims)}")
+        rows, cols = dims
+        if encoding == ENCODING_I2:
+            return rows * ((cols + 3) // 4)
+        tiles = -(-rows // TL_TILE)
+        if encoding == ENCODING_TL1:
+            return tiles * _tl1_tile_bytes(cols)
+        return tiles * _tl2_tile_bytes(cols)
     raise ValueError(f"unknown encoding id {encoding}")
+
+
+def _tl1_tile_bytes(cols: int) -> int:
+    return TL_TILE * ((cols + 3) // 4)
+
+
+def _tl2_tile_bytes(cols: int) -> int:
+    return TL2_GROUP_BYTES * ((cols // 3 + 1) // 2) + (TL_TILE if cols % 3 else 0)
 
 
 # --------------------------------------------------------------------------- I2 packing
@@ -107,6 +131,133 @@ def unpack_i2(packed: np.ndarray, in_features: int) -> np.ndarray:
     if np.any(codes == 3):
         raise ValueError("I2 data holds the invalid code 3")
     return codes.reshape(packed.shape[0], -1)[:, :in_features].astype(np.int8) - 1
+
+
+# --------------------------------------------------------------------------- TL1 / TL2 packing
+
+
+def _check_ternary(w: np.ndarray, what: str) -> None:
+    if w.ndim != 2:
+        raise ValueError(f"{what} expects a 2-D matrix, got shape {w.shape}")
+    if w.size and (w.min() < -1 or w.max() > 1):
+        raise ValueError(f"{what} expects ternary values in {{-1, 0, 1}}")
+
+
+def _tile_rows(rows: int) -> int:
+    return -(-rows // TL_TILE) * TL_TILE
+
+
+def _to_tiles(per_row: np.ndarray) -> np.ndarray:
+    """[tiles*32, n] per-row bytes -> [tiles, n, 32]: vector k of a tile holds lane i's byte k at i."""
+    return per_row.reshape(per_row.shape[0] // TL_TILE, TL_TILE, per_row.shape[1]).transpose(0, 2, 1)
+
+
+def _from_tiles(tiled: np.ndarray) -> np.ndarray:
+    """Inverse of _to_tiles: [tiles, n, 32] -> [tiles*32, n]."""
+    return tiled.transpose(0, 2, 1).reshape(tiled.shape[0] * TL_TILE, tiled.shape[1])
+
+
+def pack_tl1(w: np.ndarray) -> np.ndarray:
+    """Pack a ternary int8 matrix [out, in] into TL1 bytes (1-D, encoded_nbytes(TL1, w.shape) long).
+
+    Pairs (w[2p], w[2p+1]) become 4-bit indices 3*w0 + w1 + 4; in tiles of 32 rows, byte 32*k + i of a
+    tile holds row i's pairs 2k (low nibble) and 2k+1 (high nibble). Padding (columns up to a multiple
+    of 4, rows up to a multiple of 32) is w = 0, index 4.
+    """
+    _check_ternary(w, "pack_tl1")
+    rows, cols = w.shape
+    quads = (cols + 3) // 4
+    padded = np.zeros((_tile_rows(rows), 4 * quads), dtype=np.int16)
+    padded[:rows, :cols] = w
+    idx = (3 * padded[:, 0::2] + padded[:, 1::2] + 4).astype(np.uint8)  # [R, 2*quads]
+    per_row = idx[:, 0::2] | (idx[:, 1::2] << 4)  # [R, quads]
+    return np.ascontiguousarray(_to_tiles(per_row)).reshape(-1)
+
+
+def _tl1_weights(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if np.any(idx > 8):
+        raise ValueError("TL1 data holds an invalid index (9..15)")
+    return (idx // 3).astype(np.int8) - 1, (idx % 3).astype(np.int8) - 1
+
+
+def unpack_tl1(packed: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Inverse of pack_tl1: TL1 bytes -> int8 [rows, cols]."""
+    packed = np.asarray(packed, dtype=np.uint8).reshape(-1)
+    if packed.size != encoded_nbytes(ENCODING_TL1, (rows, cols)):
+        raise ValueError(f"TL1 data of {packed.size} bytes does not hold a [{rows}, {cols}] matrix")
+    per_row = _from_tiles(packed.reshape(-(-rows // TL_TILE), (cols + 3) // 4, TL_TILE))[:rows]
+    idx = np.stack([per_row & 15, per_row >> 4], axis=-1).reshape(rows, -1)[:, : (cols + 1) // 2]
+    w0, w1 = _tl1_weights(idx)
+    return np.stack([w0, w1], axis=-1).reshape(rows, -1)[:, :cols]
+
+
+# |v| -> (w0, w1, w2) with 9*w0 + 3*w1 + w2 = |v| (balanced ternary), for |v| in 0..13.
+_TL2_PATTERNS = np.array(
+    [[0, 0, 0], [0, 0, 1], [0, 1, -1], [0, 1, 0], [0, 1, 1], [1, -1, -1], [1, -1, 0], [1, -1, 1], [1, 0, -1],
+     [1, 0, 0], [1, 0, 1], [1, 1, -1], [1, 1, 0], [1, 1, 1]],
+    dtype=np.int8,
+)
+
+
+def pack_tl2(w: np.ndarray) -> np.ndarray:
+    """Pack a ternary int8 matrix [out, in] into TL2 bytes (1-D, encoded_nbytes(TL2, w.shape) long).
+
+    Triples of the first 3*floor(in/3) columns become v = 9*w0 + 3*w1 + w2, stored as a 4-bit |v| and a
+    sign bit; in tiles of 32 rows, group g (triples 2g, 2g+1) is 40 bytes: 32 index bytes (byte i: row
+    i's triple 2g low nibble, 2g+1 high nibble), then the two u32 sign words (bit i: row i). When in % 3
+    != 0, 32 tail bytes follow: byte i = row i's TL1 index of the last 1 or 2 columns (padded with 0).
+    """
+    _check_ternary(w, "pack_tl2")
+    rows, cols = w.shape
+    n3 = cols // 3
+    groups = (n3 + 1) // 2
+    R = _tile_rows(rows)
+    tiles = R // TL_TILE
+    padded = np.zeros((R, 6 * groups), dtype=np.int16)
+    padded[:rows, : 3 * n3] = w[:, : 3 * n3]
+    v = 9 * padded[:, 0::3] + 3 * padded[:, 1::3] + padded[:, 2::3]  # [R, 2*groups]
+    mag = np.abs(v).astype(np.uint8)
+    nibbles = _to_tiles(mag[:, 0::2] | (mag[:, 1::2] << 4))  # [tiles, groups, 32]
+    signs = np.packbits(_to_tiles((v < 0).astype(np.uint8)), axis=-1, bitorder="little")  # [tiles, 2*groups, 4]
+    group_bytes = np.concatenate([nibbles, signs.reshape(tiles, groups, 8)], axis=-1)  # [tiles, groups, 40]
+    parts = [group_bytes.reshape(tiles, -1)]
+    if cols % 3:
+        tail = np.zeros((R, 2), dtype=np.int16)
+        tail[:rows, : cols % 3] = w[:, 3 * n3 :]
+        parts.append((3 * tail[:, 0] + tail[:, 1] + 4).astype(np.uint8).reshape(tiles, TL_TILE))
+    return np.ascontiguousarray(np.concatenate(parts, axis=1)).reshape(-1)
+
+
+def unpack_tl2(packed: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Inverse of pack_tl2: TL2 bytes -> int8 [rows, cols]."""
+    packed = np.asarray(packed, dtype=np.uint8).reshape(-1)
+    if packed.size != encoded_nbytes(ENCODING_TL2, (rows, cols)):
+        raise ValueError(f"TL2 data of {packed.size} bytes does not hold a [{rows}, {cols}] matrix")
+    n3 = cols // 3
+    groups = (n3 + 1) // 2
+    tiles = -(-rows // TL_TILE)
+    tile = packed.reshape(tiles, -1)
+    group_bytes = tile[:, : TL2_GROUP_BYTES * groups].reshape(tiles, groups, TL2_GROUP_BYTES)
+    per_row = _from_tiles(group_bytes[..., :TL_TILE])[:rows]  # [rows, groups]
+    mag = np.stack([per_row & 15, per_row >> 4], axis=-1).reshape(rows, -1)[:, :n3]
+    if np.any(mag > 13):
+        raise ValueError("TL2 data holds an invalid index (14, 15)")
+    sign_bits = np.unpackbits(group_bytes[..., TL_TILE:].reshape(tiles, 2 * groups, 4), axis=-1, bitorder="little")
+    negative = _from_tiles(sign_bits)[:rows, :n3].astype(bool)  # [rows, n3]
+    triples = _TL2_PATTERNS[mag] * np.where(negative, -1, 1).astype(np.int8)[..., None]
+    out = np.zeros((rows, cols), dtype=np.int8)
+    out[:, : 3 * n3] = triples.reshape(rows, -1)
+    if cols % 3:
+        w0, w1 = _tl1_weights(tile[:, TL2_GROUP_BYTES * groups :].reshape(-1)[:rows] & 15)
+        out[:, 3 * n3] = w0
+        if cols % 3 == 2:
+            out[:, 3 * n3 + 1] = w1
+    return out
+
+
+# Packer per ternary encoding, and the encoding per converter `weights` name.
+TERNARY_PACKERS = {ENCODING_I2: pack_i2, ENCODING_TL1: pack_tl1, ENCODING_TL2: pack_tl2}
+WEIGHT_ENCODINGS = {"i2": ENCODING_I2, "tl1": ENCODING_TL1, "tl2": ENCODING_TL2}
 
 
 # --------------------------------------------------------------------------- writer
@@ -359,8 +510,8 @@ def _read_tensor_record(cur: _Cursor, index: int) -> TensorInfo:
     nbytes = cur.unpack(_U64, f"{what} nbytes")
     if encoding not in ENCODING_NAMES:
         raise cur.fail(f"{what}: unknown encoding id {encoding} (this reader knows {sorted(ENCODING_NAMES)})")
-    if encoding == ENCODING_I2 and n_dims != 2:
-        raise cur.fail(f"{what}: I2 tensors are 2-D, dims are {list(dims)}")
+    if encoding in TERNARY_ENCODINGS and n_dims != 2:
+        raise cur.fail(f"{what}: {ENCODING_NAMES[encoding]} tensors are 2-D, dims are {list(dims)}")
     if any(d == 0 for d in dims):
         raise cur.fail(f"{what}: dims {list(dims)} contain a zero")
     expected = encoded_nbytes(encoding, dims)
@@ -443,10 +594,12 @@ def _parse(path: Path, buf: memoryview, size: int) -> FileHeader:
 
 def read_tensor(header: FileHeader, name: str) -> np.ndarray:
     """A tensor's stored bytes as an array: float encodings shaped `dims` (BF16 as uint16 bits),
-    I2 as uint8 [rows, ceil(in/4)] (decode with unpack_i2)."""
+    I2 as uint8 [rows, ceil(in/4)] (decode with unpack_i2), TL1/TL2 as uint8 [nbytes] (unpack_tl1/2)."""
     info = header.tensor(name)
     if info.encoding == ENCODING_I2:
         dtype, shape = np.dtype(np.uint8), (info.dims[0], (info.dims[1] + 3) // 4)
+    elif info.encoding in TERNARY_ENCODINGS:
+        dtype, shape = np.dtype(np.uint8), (info.nbytes,)
     else:
         dtype, shape = FLOAT_ENCODING_DTYPES[info.encoding], info.dims
     return np.fromfile(header.path, dtype=dtype, count=math.prod(shape), offset=header.data_offset + info.offset).reshape(shape)

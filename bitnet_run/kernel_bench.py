@@ -11,7 +11,8 @@ import statistics
 
 from ._bitnet import ffi, lib
 
-ENCODINGS = {"f32": 0, "f16": 1, "bf16": 2, "i2": 3}
+ENCODINGS = {"f32": 0, "f16": 1, "bf16": 2, "i2": 3, "tl1": 4, "tl2": 5}
+TERNARY = ("i2", "tl1", "tl2")
 # (name, rows, cols) of the BitLinears of BitNet b1.58 2B-4T (hidden 2560, intermediate 6912, 5 kv heads of 128).
 LAYER_SHAPES_2B4T = [
     ("q/o_proj", 2560, 2560),
@@ -31,9 +32,9 @@ def cpu_features() -> str:
 
 
 def _weight_bytes(encoding: str, rows: int, cols: int) -> int:
-    if encoding == "i2":
-        return rows * ((cols + 3) // 4)
-    return rows * cols * (4 if encoding == "f32" else 2)
+    from .fileformat import encoded_nbytes
+
+    return encoded_nbytes(ENCODINGS[encoding], (rows, cols))
 
 
 def time_kernels(
@@ -98,15 +99,18 @@ def _main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--n-tok", type=int, nargs="+", default=[1, 128])
+    ap.add_argument("--encodings", nargs="+", default=list(TERNARY), choices=TERNARY,
+                    help="ternary weight encodings to time (default: all)")
     ap.add_argument("--head", action="store_true", help="also time the bf16 output head (128256 x 2560)")
     ap.add_argument("--cold-mb", type=int, default=0, help="cycle through this many MB of weight copies")
     args = ap.parse_args()
     print(f"variants: {variants()}  cpu: {cpu_features()}  threads: {args.threads}")
-    runs = [("i2", LAYER_SHAPES_2B4T)] + ([("bf16", [HEAD_SHAPE_2B4T])] if args.head else [])
-    print(f"{'shape':>14} {'rows':>6} {'cols':>5} {'n_tok':>5} {'kernel':>6} {'ms/call':>9} {'GB/s':>7} {'GMAC/s':>8} {'x ref':>6}")
+    runs = [(e, LAYER_SHAPES_2B4T) for e in args.encodings] + ([("bf16", [HEAD_SHAPE_2B4T])] if args.head else [])
+    print(f"{'shape':>14} {'rows':>6} {'cols':>5} {'n_tok':>5} {'enc':>4} {'kernel':>6} {'ms/call':>9} {'GB/s':>7} "
+          f"{'GMAC/s':>8} {'x ref':>6}")
     for encoding, shapes in runs:
         for r in time_kernels(shapes, args.threads, args.repeats, args.n_tok, encoding, cold_bytes=args.cold_mb << 20):
-            print(f"{r['name']:>14} {r['rows']:>6} {r['cols']:>5} {r['n_tok']:>5} {r['variant']:>6} "
+            print(f"{r['name']:>14} {r['rows']:>6} {r['cols']:>5} {r['n_tok']:>5} {encoding:>4} {r['variant']:>6} "
                   f"{r['seconds'] * 1e3:>9.3f} {r['weight_gbps']:>7.2f} {r['gmacs']:>8.2f} {r['speedup']:>6.2f}")
 
 

@@ -238,16 +238,19 @@ def _check_checkpoint_tensors(checkpoint: Checkpoint, hp: Hyperparameters) -> No
         raise ConversionError(f"checkpoint: unexpected tensor {unexpected[0]!r}{more} (not part of a {HF_ARCHITECTURE})")
 
 
-def _producer(checkpoint: Checkpoint, name: str, kind: str, hp: Hyperparameters) -> Callable[[], ff.TensorData]:
+def _producer(
+    checkpoint: Checkpoint, name: str, kind: str, hp: Hyperparameters, encoding: int = ff.ENCODING_I2
+) -> Callable[[], ff.TensorData]:
     if kind == EMBEDDING:
         return lambda: ff.TensorData(checkpoint.load(name))
     if kind == NORM:
         return lambda: ff.TensorData(checkpoint.load_float32(name))
+    pack = ff.TERNARY_PACKERS[encoding]
     if hp.quantization_mode == "online":
 
         def quantize_master() -> ff.TensorData:
             ternary, scale = absmean_ternary(checkpoint.load_float32(name))
-            return ff.TensorData(ff.pack_i2(ternary), scale)
+            return ff.TensorData(pack(ternary), scale)
 
         return quantize_master
 
@@ -259,13 +262,17 @@ def _producer(checkpoint: Checkpoint, name: str, kind: str, hp: Hyperparameters)
         scale = np.float32(checkpoint.load_float32(_scale_name(name))[0])
         if not np.isfinite(scale) or scale <= 0:
             raise ConversionError(f"{checkpoint.tensors[name].file.name}: {_scale_name(name)!r} is {scale} (expected a positive number)")
-        return ff.TensorData(ff.pack_i2(ternary), float(scale))
+        return ff.TensorData(pack(ternary), float(scale))
 
     return repack
 
 
-def add_tensors(writer: ff.Writer, checkpoint: Checkpoint, hp: Hyperparameters) -> None:
-    """Check every tensor up front, then plan each one with a producer that reads it when written."""
+def add_tensors(writer: ff.Writer, checkpoint: Checkpoint, hp: Hyperparameters, weights: str = "i2") -> None:
+    """Check every tensor up front, then plan each one with a producer that reads it when written.
+    `weights` names the encoding of the ternary linears: "i2", "tl1" or "tl2"."""
+    if weights not in ff.WEIGHT_ENCODINGS:
+        raise ValueError(f"weights must be one of {sorted(ff.WEIGHT_ENCODINGS)}, got {weights!r}")
+    ternary = ff.WEIGHT_ENCODINGS[weights]
     _check_checkpoint_tensors(checkpoint, hp)
     for name, kind, shape in expected_tensors(hp):
         if kind == EMBEDDING:
@@ -273,5 +280,5 @@ def add_tensors(writer: ff.Writer, checkpoint: Checkpoint, hp: Hyperparameters) 
         elif kind == NORM:
             encoding = ff.ENCODING_F32
         else:
-            encoding = ff.ENCODING_I2
-        writer.add_tensor(name, encoding, shape, _producer(checkpoint, name, kind, hp))
+            encoding = ternary
+        writer.add_tensor(name, encoding, shape, _producer(checkpoint, name, kind, hp, encoding))

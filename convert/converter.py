@@ -16,16 +16,28 @@ from .tokenizer import add_tokenizer_metadata
 MODEL_SUFFIX = ".bnr"
 
 
+WEIGHT_ENCODINGS = tuple(ff.WEIGHT_ENCODINGS)  # ("i2", "tl1", "tl2")
+
+
 def convert_checkpoint(
-    src: str | Path, out: str | Path, progress: Callable[[int, int, str], None] | None = None
+    src: str | Path,
+    out: str | Path,
+    progress: Callable[[int, int, str], None] | None = None,
+    weights: str = "i2",
 ) -> Path:
     """Convert `src` (a checkpoint directory or a hub repo id) into the model file `out`.
+
+    `weights` is the encoding of the ternary linears (docs/format.md): "i2" (2 bits/weight, the
+    default), "tl1" (lookup-table pairs, 2 bits/weight) or "tl2" (lookup-table triples, 1.67 bits/weight).
+    The file does not depend on the machine that converts it.
 
     When `out` is an existing directory the file is named after the checkpoint inside it.
     `progress(done, total, name)` is called after each tensor is written. Raises ConversionError
     for a checkpoint it does not understand; nothing is left at `out` when conversion fails.
     Returns the path written.
     """
+    if weights not in ff.WEIGHT_ENCODINGS:
+        raise ValueError(f"weights must be one of {WEIGHT_ENCODINGS}, got {weights!r}")
     directory, source = resolve_source(src)
     name = source.rstrip("/").split("/")[-1]
     checkpoint = Checkpoint(directory)
@@ -38,7 +50,7 @@ def convert_checkpoint(
     writer.add_string("general.converter", f"bitnet-run {__version__}")
     bitnet.add_model_metadata(writer, hp)
     add_tokenizer_metadata(writer, checkpoint, hp.vocab_size)
-    bitnet.add_tensors(writer, checkpoint, hp)
+    bitnet.add_tensors(writer, checkpoint, hp, weights)
 
     out = Path(out)
     if out.is_dir():

@@ -22,17 +22,19 @@ def tiny_model_factory(tmp_path_factory):
 
     built = {}
 
-    def build(fmt: str, hidden: int, heads: int, kv_heads: int, tied: bool, seed: int, layers: int = 2):
-        key = (fmt, hidden, heads, kv_heads, tied, seed, layers)
+    def build(fmt: str, hidden: int, heads: int, kv_heads: int, tied: bool, seed: int, layers: int = 2,
+              weights: str = "i2"):
+        """weights: the converter's ternary encoding (i2, tl1, tl2)."""
+        key = (fmt, hidden, heads, kv_heads, tied, seed, layers, weights)
         if key not in built:
-            root = tmp_path_factory.mktemp(f"{fmt}-{hidden}-{heads}-{kv_heads}-{int(tied)}-{seed}")
+            root = tmp_path_factory.mktemp(f"{fmt}-{hidden}-{heads}-{kv_heads}-{int(tied)}-{seed}-{weights}")
             config = make_config(
                 hidden=hidden, intermediate=INTERMEDIATE[hidden], layers=layers, heads=heads,
                 kv_heads=kv_heads, tied=tied,
             )
             writer = write_packed_checkpoint if fmt == "packed" else write_master_checkpoint
             writer(root / "hf", config, seed)
-            path = convert_checkpoint(root / "hf", root / "model.bnr")
+            path = convert_checkpoint(root / "hf", root / "model.bnr", weights=weights)
             built[key] = SimpleNamespace(
                 model=Model(path, n_threads=2), reference=load_reference(root / "hf"), seed=seed,
                 checkpoint=root / "hf", path=path,

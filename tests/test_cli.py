@@ -64,6 +64,18 @@ def test_convert_command(tiny_model, tmp_path):
     assert out.read_bytes() == tiny_model.path.read_bytes()
 
 
+def test_convert_command_weights_encoding(tiny_model, tmp_path):
+    from bitnet_run import fileformat as ff
+
+    out = tmp_path / "tl2.bnr"
+    result = runner.invoke(app, ["convert", str(tiny_model.checkpoint), "-o", str(out), "--weights", "tl2"])
+    assert result.exit_code == 0, result.output
+    encodings = {t.encoding for t in ff.read_header(out).tensors if t.name.endswith("proj.weight")}
+    assert encodings == {ff.ENCODING_TL2}
+    result = runner.invoke(app, ["convert", str(tiny_model.checkpoint), "-o", str(tmp_path / "x.bnr"), "--weights", "q4"])
+    assert result.exit_code != 0 and not (tmp_path / "x.bnr").exists()
+
+
 def test_convert_refuses_unknown_architecture(tiny_model, tmp_path):
     import json
     import shutil

@@ -330,3 +330,26 @@ def test_packed_refusals(tmp_path, case):
         convert_checkpoint(src, out_dir / "x.bnr")
     assert message in str(excinfo.value)
     assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("weights,encoding,unpack", [
+    ("tl1", ff.ENCODING_TL1, ff.unpack_tl1),
+    ("tl2", ff.ENCODING_TL2, ff.unpack_tl2),
+])
+def test_lookup_table_weights_hold_the_same_ternary_values(master_dir, master_bnr, root, weights, encoding, unpack):
+    """--weights tl1/tl2: the same tensors, shapes, scales and ternary values as I2, in the other layout."""
+    i2 = ff.read_header(master_bnr)
+    tl = ff.read_header(convert_checkpoint(master_dir, root / f"master-{weights}.bnr", weights=weights))
+    assert [(t.name, t.dims) for t in tl.tensors] == [(t.name, t.dims) for t in i2.tensors]
+    names = _linear_names(i2)
+    assert names and all(tl.tensor(n).encoding == encoding for n in names)
+    for name in names:
+        rows, cols = tl.tensor(name).dims
+        assert np.array_equal(unpack(ff.read_tensor(tl, name), rows, cols), _ternary(i2, name)), name
+        assert tl.tensor(name).scale == i2.tensor(name).scale
+
+
+def test_unknown_weights_encoding_is_refused(master_dir, tmp_path):
+    with pytest.raises(ValueError, match="weights"):
+        convert_checkpoint(master_dir, tmp_path / "x.bnr", weights="tl3")
+    assert not list(tmp_path.iterdir())

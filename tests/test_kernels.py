@@ -1,6 +1,6 @@
 """Every weight-kernel variant usable on this CPU (ref, avx2, ...) against the scalar reference, bit for
-bit: the ternary I2 matmul on awkward shapes and extreme activations, the float output-head matmul, and
-whole-model logits with each variant forced through BITNET_RUN_KERNELS."""
+bit: the ternary matmuls (I2, TL1, TL2) on awkward shapes and extreme activations, the float
+output-head matmul, and whole-model logits with each variant forced through BITNET_RUN_KERNELS."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bitnet_run import fileformat as ff
 from bitnet_run._bitnet import ffi, lib
 
 VARIANTS = [ffi.string(lib.bn_kernels_name(i)).decode() for i in range(lib.bn_kernels_count())]
@@ -183,6 +184,204 @@ def test_i2_extremes_saturate_nothing(variant):
             assert abs(int(got[0, 0])) >= 127 * cols
 
 
+# ---- TL1 / TL2: the reference against numpy, every variant (and encoding) against the reference ----
+
+ENC_I2, ENC_TL1, ENC_TL2 = ff.ENCODING_I2, ff.ENCODING_TL1, ff.ENCODING_TL2
+TL_ENCODINGS = [ENC_TL1, ENC_TL2]
+TL_IDS = ["tl1", "tl2"]
+PACKERS = {ENC_I2: ff.pack_i2, ENC_TL1: ff.pack_tl1, ENC_TL2: ff.pack_tl2}
+
+
+def ternary_matmul(variant: int, encoding: int, x: np.ndarray, w: np.ndarray, rows: int, cols: int,
+                   n_threads: int = 1) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.int8)
+    w = np.ascontiguousarray(w, dtype=np.uint8).reshape(-1)
+    assert x.shape[1] == cols and w.size == ff.encoded_nbytes(encoding, (rows, cols))
+    y = np.full((x.shape[0], rows), 0x5A5A5A5A, dtype=np.int32)  # poison: every entry must be written
+    status = lib.bn_kernels_ternary_matmul(
+        variant, encoding, n_threads, ffi.from_buffer("int32_t[]", y), ffi.from_buffer("int8_t[]", x), x.shape[0],
+        ffi.from_buffer("uint8_t[]", w), rows, cols,
+    )
+    assert status == lib.BN_OK
+    return y
+
+
+_TL1_W = np.array([[i // 3 - 1, i % 3 - 1] if i <= 8 else [0, 0] for i in range(16)], dtype=np.int64)
+_TL2_W = np.zeros((16, 3), dtype=np.int64)
+_TL2_W[:14] = ff._TL2_PATTERNS
+
+
+def decode_tl(encoding: int, w: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Any TL1/TL2 bytes -> the int64 weights [rows][cols] they stand for, invalid indices as 0; written
+    from docs/format.md independently of both the C kernels and fileformat's unpackers."""
+    tiles = -(-rows // 32)
+    tile = w.reshape(tiles, -1)
+    if encoding == ENC_TL1:
+        quads = (cols + 3) // 4
+        b = tile.reshape(tiles, quads, 32).transpose(0, 2, 1).reshape(tiles * 32, quads)  # [row][quad]
+        idx = np.stack([b & 15, b >> 4], axis=-1).reshape(tiles * 32, -1)  # [row][pair]
+        return _TL1_W[idx].reshape(tiles * 32, -1)[:rows, :cols]
+    n3 = cols // 3
+    groups = (n3 + 1) // 2
+    g = tile[:, : 40 * groups].reshape(tiles, groups, 40)
+    b = g[..., :32].transpose(0, 2, 1).reshape(tiles * 32, groups)
+    idx = np.stack([b & 15, b >> 4], axis=-1).reshape(tiles * 32, -1)[:, :n3]
+    words = g[..., 32:].reshape(tiles, groups * 2, 4).astype(np.uint32)
+    words = words[..., 0] | (words[..., 1] << 8) | (words[..., 2] << 16) | (words[..., 3] << 24)  # [tile][triple]
+    lanes = np.arange(32, dtype=np.uint32)
+    neg = ((words[:, None, :] >> lanes[None, :, None]) & 1).reshape(tiles * 32, -1)[:, :n3]  # [row][triple]
+    out = np.zeros((tiles * 32, cols), dtype=np.int64)
+    out[:, : 3 * n3] = (_TL2_W[idx] * np.where(neg == 1, -1, 1)[..., None]).reshape(tiles * 32, -1)
+    if cols % 3:
+        t = tile[:, 40 * groups:].reshape(-1) & 15
+        out[:, 3 * n3: cols] = _TL1_W[t][:, : cols % 3]
+    return out[:rows]
+
+
+def numpy_ternary(encoding: int, x: np.ndarray, w: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """The exact product (float64 is exact here: |sum| < 2^53)."""
+    return (x.astype(np.float64) @ decode_tl(encoding, w, rows, cols).T.astype(np.float64)).astype(np.int32)
+
+
+def tl_weights(kind: str, encoding: int, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Packed TL rows; 'bytes' is any byte (so invalid indices too, and garbage in every padding)."""
+    if kind == "bytes":
+        return rng.integers(0, 256, size=ff.encoded_nbytes(encoding, (rows, cols)), dtype=np.uint8)
+    pack = PACKERS[encoding]
+    if kind == "valid":
+        return pack(rng.integers(-1, 2, size=(rows, cols)).astype(np.int8))
+    if kind == "plus":
+        return pack(np.ones((rows, cols), dtype=np.int8))
+    if kind == "minus":
+        return pack(-np.ones((rows, cols), dtype=np.int8))
+    if kind == "sparse":  # mostly zeros: the TL2 sign of v = 0 patterns
+        return pack((rng.integers(-1, 2, size=(rows, cols)) * (rng.random((rows, cols)) < 0.1)).astype(np.int8))
+    raise ValueError(kind)
+
+
+TL_W_KINDS = ["bytes", "valid", "plus", "minus", "sparse"]
+
+
+def test_bad_encoding_is_an_error():
+    y = np.zeros(1, dtype=np.int32)
+    x = np.zeros(4, dtype=np.int8)
+    w = np.zeros(64, dtype=np.uint8)
+    for encoding in (ENC_F32, ENC_BF16, 6, 99):
+        status = lib.bn_kernels_ternary_matmul(
+            0, encoding, 1, ffi.from_buffer("int32_t[]", y), ffi.from_buffer("int8_t[]", x), 1,
+            ffi.from_buffer("uint8_t[]", w), 1, 4,
+        )
+        assert status == lib.BN_ERR_ARG
+
+
+@pytest.mark.parametrize("encoding", TL_ENCODINGS, ids=TL_IDS)
+@pytest.mark.parametrize("w_kind", TL_W_KINDS)
+@pytest.mark.parametrize("act_kind", ACT_KINDS)
+def test_tl_reference_matches_numpy(encoding, act_kind, w_kind):
+    rng = np.random.default_rng(2)
+    for rows, cols, n_tok in [(5, 1, 1), (7, 2, 2), (33, 3, 1), (40, 130, 3), (3, 257, 2), (65, 385, 2), (2, 2560, 1)]:
+        x, w = activations(act_kind, n_tok, cols, rng), tl_weights(w_kind, encoding, rows, cols, rng)
+        assert np.array_equal(ternary_matmul(0, encoding, x, w, rows, cols), numpy_ternary(encoding, x, w, rows, cols))
+
+
+def test_every_encoding_gives_the_same_product():
+    """One ternary matrix packed as I2, TL1 and TL2: every variant, every encoding, the same result."""
+    rng = np.random.default_rng(3)
+    rows, cols = 77, 1001
+    tern = rng.integers(-1, 2, size=(rows, cols)).astype(np.int8)
+    x = activations("random", 5, cols, rng)
+    exact = (x.astype(np.int64) @ tern.T.astype(np.int64)).astype(np.int32)
+    for encoding, pack in PACKERS.items():
+        for variant in range(len(VARIANTS)):
+            got = ternary_matmul(variant, encoding, x, pack(tern), rows, cols, n_threads=2)
+            np.testing.assert_array_equal(got, exact, err_msg=f"{VARIANTS[variant]} encoding {encoding}")
+
+
+@needs_fast
+@pytest.mark.parametrize("encoding", TL_ENCODINGS, ids=TL_IDS)
+@pytest.mark.parametrize("variant", FAST, ids=[VARIANTS[i] for i in FAST])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.one_of(st.integers(1, 100), st.sampled_from([31, 32, 33, 63, 64, 65, 96])),
+    cols=st.one_of(st.integers(1, 300), st.sampled_from([127, 128, 129, 383, 384, 385, 386, 1023, 1025, 8191,
+                                                         8193, 2560, 6912])),
+    n_tok=st.integers(1, 9),
+    act_kind=st.sampled_from(ACT_KINDS),
+    w_kind=st.sampled_from(TL_W_KINDS),
+    n_threads=st.sampled_from([1, 1, 2, 3]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_tl_variant_matches_reference(encoding, variant, rows, cols, n_tok, act_kind, w_kind, n_threads, seed):
+    rng = np.random.default_rng(seed)
+    x, w = activations(act_kind, n_tok, cols, rng), tl_weights(w_kind, encoding, rows, cols, rng)
+    expected = ternary_matmul(0, encoding, x, w, rows, cols)
+    got = ternary_matmul(variant, encoding, x, w, rows, cols, n_threads)
+    np.testing.assert_array_equal(got, expected)
+
+
+@needs_fast
+@pytest.mark.parametrize("encoding", TL_ENCODINGS, ids=TL_IDS)
+@pytest.mark.parametrize("variant", FAST, ids=[VARIANTS[i] for i in FAST])
+@pytest.mark.parametrize("rows,cols", [(2560, 2560), (640, 2560), (96, 6912)])
+@pytest.mark.parametrize("n_tok", [1, 4, 67])
+def test_tl_variant_layer_shapes(encoding, variant, rows, cols, n_tok):
+    """The 2B-4T layer shapes (down_proj cut to 96 rows), with several token chunks for 6912 columns."""
+    rng = np.random.default_rng(rows + cols + n_tok)
+    x, w = activations("random", n_tok, cols, rng), tl_weights("bytes", encoding, rows, cols, rng)
+    got = ternary_matmul(variant, encoding, x, w, rows, cols, 2)
+    np.testing.assert_array_equal(got, numpy_ternary(encoding, x, w, rows, cols))
+
+
+@pytest.mark.parametrize("encoding", TL_ENCODINGS, ids=TL_IDS)
+def test_tl_extremes_saturate_nothing(encoding):
+    """The largest |dot| possible: all -128 / 127 against all +1 / -1 over a long row, every variant."""
+    rows, cols = 45, 8192 + 13
+    for act_kind in ("min", "max"):
+        for w_kind in ("plus", "minus"):
+            x = activations(act_kind, 5, cols, np.random.default_rng(0))
+            w = tl_weights(w_kind, encoding, rows, cols, np.random.default_rng(0))
+            expected = numpy_ternary(encoding, x, w, rows, cols)
+            assert abs(int(expected[0, 0])) >= 127 * cols
+            for variant in range(len(VARIANTS)):
+                np.testing.assert_array_equal(ternary_matmul(variant, encoding, x, w, rows, cols), expected)
+
+
+# ---- packing round trips ----
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 70), cols=st.integers(1, 70), seed=st.integers(0, 2**32 - 1))
+def test_pack_unpack_round_trip(rows, cols, seed):
+    tern = np.random.default_rng(seed).integers(-1, 2, size=(rows, cols)).astype(np.int8)
+    assert np.array_equal(ff.unpack_i2(ff.pack_i2(tern), cols), tern)
+    for encoding, pack, unpack in [(ENC_TL1, ff.pack_tl1, ff.unpack_tl1), (ENC_TL2, ff.pack_tl2, ff.unpack_tl2)]:
+        packed = pack(tern)
+        assert packed.dtype == np.uint8 and packed.size == ff.encoded_nbytes(encoding, (rows, cols))
+        assert np.array_equal(unpack(packed, rows, cols), tern)
+        assert np.array_equal(decode_tl(encoding, packed, rows, cols), tern)
+
+
+def test_tl_sizes():
+    """Bits per weight: TL1 2.0, TL2 1.67 (+ a 32-byte tail per tile when cols % 3 != 0)."""
+    assert ff.encoded_nbytes(ENC_TL1, (2560, 2560)) == 2560 * 2560 // 4
+    assert ff.encoded_nbytes(ENC_TL2, (2560, 2560)) == 80 * (40 * 427 + 32)
+    assert ff.encoded_nbytes(ENC_TL2, (6912, 2560)) * 8 / (6912 * 2560) < 1.68
+    assert ff.encoded_nbytes(ENC_TL1, (1, 1)) == 32 and ff.encoded_nbytes(ENC_TL2, (1, 1)) == 32
+    assert ff.encoded_nbytes(ENC_TL2, (33, 6)) == 2 * 40
+
+
+def test_unpack_refuses_invalid_indices():
+    w = ff.pack_tl1(np.zeros((3, 5), dtype=np.int8))
+    w[0] = 0x49  # index 9 in the high nibble
+    with pytest.raises(ValueError, match="invalid"):
+        ff.unpack_tl1(w, 3, 5)
+    w = ff.pack_tl2(np.zeros((3, 6), dtype=np.int8))
+    w[1] = 0xE0  # |v| 14
+    with pytest.raises(ValueError, match="invalid"):
+        ff.unpack_tl2(w, 3, 6)
+    with pytest.raises(ValueError, match="ternary"):
+        ff.pack_tl2(np.full((2, 3), 2, dtype=np.int8))
+
+
 # ---- dense (output head) ----
 
 def dense_weights(encoding: int, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
@@ -250,11 +449,12 @@ def _raw_eval(model, tokens) -> np.ndarray:
     return np.concatenate([logits, step[None]], axis=0)
 
 
+@pytest.mark.parametrize("weights", ["i2", "tl1", "tl2"])
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_model_logits_identical_across_variants(tiny_model_factory, monkeypatch, tied):
+def test_model_logits_identical_across_variants(tiny_model_factory, monkeypatch, tied, weights):
     from bitnet_run import Model
 
-    built = tiny_model_factory(fmt="packed", hidden=128, heads=4, kv_heads=2, tied=tied, seed=11)
+    built = tiny_model_factory(fmt="packed", hidden=128, heads=4, kv_heads=2, tied=tied, seed=11, weights=weights)
     tokens = [int(t) for t in np.random.default_rng(5).integers(0, 200, size=13)]
     results = {}
     for name in VARIANTS:
@@ -266,3 +466,9 @@ def test_model_logits_identical_across_variants(tiny_model_factory, monkeypatch,
     assert np.all(np.isfinite(ref))
     for name, got in results.items():
         np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32), err_msg=name)
+    if weights != "i2":  # the same checkpoint as I2 weights: the same integer products, so the same logits
+        i2 = tiny_model_factory(fmt="packed", hidden=128, heads=4, kv_heads=2, tied=tied, seed=11)
+        monkeypatch.setenv("BITNET_RUN_KERNELS", "ref")
+        model = Model(i2.path, n_threads=2)
+        np.testing.assert_array_equal(_raw_eval(model, tokens).view(np.uint32), ref.view(np.uint32))
+        del model

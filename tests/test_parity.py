@@ -20,12 +20,18 @@ from checkpoints import load_reference
 SEQ_LEN = 45  # odd on purpose
 N_GENERATE = 32
 
-# (format, GQA ratio 1 and >1, head_dim 32 and 64, tied and untied head)
+# (format, GQA ratio 1 and >1, head_dim 32 and 64, tied and untied head), all with I2 weights; then
+# each lookup-table encoding on two of the shapes (hidden 128 and 256: in % 3 == 2 and 1, so the TL2
+# tail is covered both ways; intermediate 344 / 688 rows: partial 32-row tiles).
 CASES = {
     "packed-mha-d32-tied": dict(fmt="packed", hidden=128, heads=4, kv_heads=4, tied=True, seed=1),
     "packed-gqa2-d64-untied": dict(fmt="packed", hidden=256, heads=4, kv_heads=2, tied=False, seed=2),
     "master-gqa4-d32-tied": dict(fmt="master", hidden=256, heads=8, kv_heads=2, tied=True, seed=3),
     "master-mha-d64-untied": dict(fmt="master", hidden=128, heads=2, kv_heads=2, tied=False, seed=4),
+    "tl1-packed-mha-d32-tied": dict(fmt="packed", hidden=128, heads=4, kv_heads=4, tied=True, seed=1, weights="tl1"),
+    "tl1-master-gqa4-d32-tied": dict(fmt="master", hidden=256, heads=8, kv_heads=2, tied=True, seed=3, weights="tl1"),
+    "tl2-packed-gqa2-d64-untied": dict(fmt="packed", hidden=256, heads=4, kv_heads=2, tied=False, seed=2, weights="tl2"),
+    "tl2-master-mha-d64-untied": dict(fmt="master", hidden=128, heads=2, kv_heads=2, tied=False, seed=4, weights="tl2"),
 }
 
 

@@ -121,11 +121,16 @@ const char *bn_kernels_cpu_features(void);
  * split over n_threads threads (0 or 1: the calling thread). BN_ERR_ARG for a bad variant. */
 bn_status bn_kernels_i2_matmul(uint32_t variant, uint32_t n_threads, int32_t *y, const int8_t *x, uint32_t n_tok,
                                const uint8_t *w, uint32_t rows, uint32_t cols);
+/* The same for any ternary encoding: 3 (I2, as above), 4 (TL1) or 5 (TL2), w holding the whole
+ * [rows][cols] matrix in that encoding's layout (docs/format.md; invalid indices count as 0).
+ * BN_ERR_ARG for a bad variant or encoding. */
+bn_status bn_kernels_ternary_matmul(uint32_t variant, uint32_t encoding, uint32_t n_threads, int32_t *y,
+                                    const int8_t *x, uint32_t n_tok, const uint8_t *w, uint32_t rows, uint32_t cols);
 /* The same in float for a dense [rows][cols] matrix w of encoding 0 (F32), 1 (F16) or 2 (BF16). */
 bn_status bn_kernels_dense_matmul(uint32_t variant, uint32_t n_threads, float *y, const float *x, uint32_t n_tok,
                                   const void *w, uint32_t encoding, uint32_t rows, uint32_t cols);
 /* Times `repeats` calls (after one warm-up) of a variant's kernel on random data of that shape:
- * encoding 3 (I2) for the ternary kernel, 0/1/2 for the dense one; n_threads threads split the rows.
+ * encoding 3/4/5 (I2/TL1/TL2) for the ternary kernels, 0/1/2 for the dense one; n_threads threads split the rows.
  * Cycles through enough weight copies to read at least min_weight_bytes (0: one copy, cache-warm).
  * seconds[repeats] receives each call's wall time. */
 bn_status bn_kernels_time(uint32_t variant, uint32_t encoding, uint32_t n_threads, uint32_t n_tok, uint32_t rows,

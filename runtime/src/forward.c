@@ -8,7 +8,7 @@
 
 /* One output of a fused BitLinear call: y[t*ldy + r] (+)= dot(q_t, w_r) / s_t * scale. */
 typedef struct {
-    const bn_i2_weight *w;
+    const bn_ternary_weight *w;
     float *y;
     size_t ldy;
     int accumulate; /* add to y: the residual connection */
@@ -27,6 +27,12 @@ typedef struct {
     linear_out out[3];
 } linear_task;
 
+/* acc[t*ldy + r] = dot(xq_t, w_r) for r0 <= r < r1, with the kernel of w's encoding. */
+static void ternary_matmul(const bn_kernels *kern, const bn_ternary_weight *w, int32_t *acc, size_t ldy,
+                           const int8_t *xq, uint32_t n_tok, uint32_t r0, uint32_t r1) {
+    bn_kernels_ternary(kern, w->encoding)(acc, ldy, xq, w->cols, n_tok, w->data, w->cols, r0, r1);
+}
+
 static void linear_worker(void *arg, uint32_t ith, uint32_t nth) {
     const linear_task *task = arg;
     uint64_t lo, hi;
@@ -34,13 +40,12 @@ static void linear_worker(void *arg, uint32_t ith, uint32_t nth) {
     uint64_t base = 0; /* first row of out[o] among the concatenated rows */
     for (uint32_t o = 0; o < task->n_out; base += task->out[o].w->rows, o++) {
         const linear_out *out = &task->out[o];
-        const bn_i2_weight *w = out->w;
+        const bn_ternary_weight *w = out->w;
         if (hi <= base || lo >= base + w->rows) continue; /* no rows of this output in our share */
         uint64_t r0 = lo > base ? lo - base : 0;
         uint64_t r1 = hi - base < w->rows ? hi - base : w->rows;
         int32_t *acc = task->acc + base;
-        task->kern->i2_matmul(acc, task->total_rows, task->xq, task->cols, task->n_tok, w->data, w->cols,
-                              (uint32_t)r0, (uint32_t)r1);
+        ternary_matmul(task->kern, w, acc, task->total_rows, task->xq, task->n_tok, (uint32_t)r0, (uint32_t)r1);
         for (uint32_t t = 0; t < task->n_tok; t++) {
             const int32_t *at = acc + (size_t)t * task->total_rows;
             float *yt = out->y + t * out->ldy;

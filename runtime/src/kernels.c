@@ -32,6 +32,69 @@ static void i2_matmul_ref(int32_t *y, size_t ldy, const int8_t *x, size_t ldx, u
     }
 }
 
+/* TL1 index -> (w0, w1); 9..15 are invalid and count as 0. */
+static const int8_t tl1_w0[16] = {-1, -1, -1, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0};
+static const int8_t tl1_w1[16] = {-1, 0, 1, -1, 0, 1, -1, 0, 1, 0, 0, 0, 0, 0, 0, 0};
+
+/* TL1 pair p of a row (its weights 2p and 2p+1, the second absent when 2p+1 == cols). */
+static int32_t tl1_pair(const int8_t *xt, uint32_t cols, uint32_t p, unsigned idx) {
+    int32_t v = xt[2 * p] * tl1_w0[idx];
+    if (2 * p + 1 < cols) v += xt[2 * p + 1] * tl1_w1[idx];
+    return v;
+}
+
+static void tl1_matmul_ref(int32_t *y, size_t ldy, const int8_t *x, size_t ldx, uint32_t n_tok, const uint8_t *w,
+                           uint32_t cols, uint32_t r0, uint32_t r1) {
+    const size_t tile_bytes = bn_tl1_tile_bytes(cols);
+    const uint32_t n_pairs = (cols + 1) / 2;
+    for (uint32_t r = r0; r < r1; r++) {
+        const uint8_t *wl = w + (size_t)(r / BN_TL_TILE) * tile_bytes + r % BN_TL_TILE; /* lane of row r */
+        for (uint32_t t = 0; t < n_tok; t++) {
+            const int8_t *xt = x + t * ldx;
+            int32_t acc = 0;
+            for (uint32_t p = 0; p < n_pairs; p++) {
+                const uint8_t b = wl[(size_t)BN_TL_TILE * (p / 2)];
+                acc += tl1_pair(xt, cols, p, p % 2 ? b >> 4 : b & 15);
+            }
+            y[t * ldy + r] = acc;
+        }
+    }
+}
+
+/* TL2 |v| index -> (w0, w1, w2) with 9*w0 + 3*w1 + w2 = index (balanced ternary); 14, 15 count as 0. */
+static const int8_t tl2_w[16][3] = {{0, 0, 0},  {0, 0, 1},  {0, 1, -1}, {0, 1, 0},  {0, 1, 1}, {1, -1, -1},
+                                    {1, -1, 0}, {1, -1, 1}, {1, 0, -1}, {1, 0, 0},  {1, 0, 1}, {1, 1, -1},
+                                    {1, 1, 0},  {1, 1, 1},  {0, 0, 0},  {0, 0, 0}};
+
+static void tl2_matmul_ref(int32_t *y, size_t ldy, const int8_t *x, size_t ldx, uint32_t n_tok, const uint8_t *w,
+                           uint32_t cols, uint32_t r0, uint32_t r1) {
+    const size_t tile_bytes = bn_tl2_tile_bytes(cols);
+    const uint32_t n_triples = cols / 3, groups = (n_triples + 1) / 2;
+    for (uint32_t r = r0; r < r1; r++) {
+        const uint32_t lane = r % BN_TL_TILE;
+        const uint8_t *wt = w + (size_t)(r / BN_TL_TILE) * tile_bytes;
+        for (uint32_t t = 0; t < n_tok; t++) {
+            const int8_t *xt = x + t * ldx;
+            int32_t acc = 0;
+            for (uint32_t k = 0; k < n_triples; k++) {
+                const uint8_t *g = wt + (size_t)BN_TL2_GROUP_BYTES * (k / 2);
+                const unsigned idx = k % 2 ? g[lane] >> 4 : g[lane] & 15;
+                const uint8_t *sw = g + BN_TL_TILE + 4 * (k % 2); /* u32 little-endian sign word */
+                const int negative = (sw[lane / 8] >> (lane % 8)) & 1;
+                const int8_t *xk = xt + 3 * k;
+                const int32_t v = xk[0] * tl2_w[idx][0] + xk[1] * tl2_w[idx][1] + xk[2] * tl2_w[idx][2];
+                acc += negative ? -v : v;
+            }
+            if (cols % 3) { /* the tail: one TL1 pair over the last 1 or 2 columns */
+                const unsigned idx = wt[(size_t)BN_TL2_GROUP_BYTES * groups + lane] & 15;
+                acc += xt[3 * n_triples] * tl1_w0[idx];
+                if (cols % 3 == 2) acc += xt[3 * n_triples + 1] * tl1_w1[idx];
+            }
+            y[t * ldy + r] = acc;
+        }
+    }
+}
+
 static float dot_f32(const float *x, const float *w, uint32_t n) {
     float acc = 0.0f;
     for (uint32_t j = 0; j < n; j++) acc += x[j] * w[j];
@@ -67,6 +130,8 @@ static void dense_matmul_ref(float *y, size_t ldy, const float *x, size_t ldx, u
 const bn_kernels bn_kernels_ref = {
     .name = "ref",
     .i2_matmul = i2_matmul_ref,
+    .tl1_matmul = tl1_matmul_ref,
+    .tl2_matmul = tl2_matmul_ref,
     .dense_matmul = dense_matmul_ref,
 };
 

@@ -7,18 +7,69 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "model_file.h"
+
+/* ---- the TL1 / TL2 layouts (docs/format.md) ----
+ * Both group the rows into tiles of BN_TL_TILE rows (the last tile padded with zero-weight rows), a
+ * tile being a fixed number of bytes that depends on cols only; row r lies in tile r / 32, as
+ * lane r % 32 of every 32-byte vector of that tile.
+ * TL1: the pairs (w[2p], w[2p+1]) of a row (w[cols] = 0 when cols is odd) as 4-bit indices
+ *   3*w0 + w1 + 4 (0..8; 9..15 count as 0). Byte 32*k + i of a tile holds lane i's pairs 2k (low
+ *   nibble) and 2k+1 (high nibble), for k < ceil(cols/4) (pairs past the row: any index, ignored).
+ * TL2: the triples (w[3t], w[3t+1], w[3t+2]) of the first 3*floor(cols/3) columns as v = 9*w0 + 3*w1
+ *   + w2, stored as a 4-bit |v| (0..13; 14, 15 count as 0) and a sign bit (1: v < 0). Tile group g
+ *   (g < ceil(floor(cols/3)/2)) is 40 bytes at 40*g: 32 index bytes (byte i: lane i's triple 2g in
+ *   the low nibble, 2g+1 in the high), then the u32 sign words of triples 2g and 2g+1 (bit i: lane
+ *   i). When cols % 3 != 0, 32 more bytes follow: byte i's low nibble is lane i's TL1 index of the
+ *   pair (w[3n], w[3n+1] or 0), n = floor(cols/3). */
+#define BN_TL_TILE 32
+#define BN_TL2_GROUP_BYTES 40
+
+static inline size_t bn_tl1_tile_bytes(uint32_t cols) { return (size_t)BN_TL_TILE * ((cols + 3) / 4); }
+static inline size_t bn_tl2_tile_bytes(uint32_t cols) {
+    const uint32_t groups = (cols / 3 + 1) / 2;
+    return (size_t)BN_TL2_GROUP_BYTES * groups + (cols % 3 ? BN_TL_TILE : 0);
+}
+/* Bytes of a [rows][cols] ternary matrix in encoding I2, TL1 or TL2 (0 for any other encoding). */
+static inline uint64_t bn_ternary_nbytes(uint32_t encoding, uint32_t rows, uint32_t cols) {
+    const uint64_t tiles = ((uint64_t)rows + BN_TL_TILE - 1) / BN_TL_TILE;
+    switch (encoding) {
+    case BN_ENC_I2: return (uint64_t)rows * ((cols + 3) / 4);
+    case BN_ENC_TL1: return tiles * bn_tl1_tile_bytes(cols);
+    case BN_ENC_TL2: return tiles * bn_tl2_tile_bytes(cols);
+    default: return 0;
+    }
+}
+
+/* A ternary matmul: y[t*ldy + r] = sum_j x[t*ldx + j] * w[r][j] exactly in int32, for t < n_tok,
+ * r0 <= r < r1. x: int8 activations [n_tok][cols]; w: the whole matrix in the kernel's encoding. */
+typedef void (*bn_ternary_matmul_fn)(int32_t *y, size_t ldy, const int8_t *x, size_t ldx, uint32_t n_tok,
+                                     const uint8_t *w, uint32_t cols, uint32_t r0, uint32_t r1);
+
 typedef struct {
     const char *name;
     /* Ternary matmul: y[t*ldy + r] = sum_j x[t*ldx + j] * w[r][j] exactly in int32, for t < n_tok,
      * r0 <= r < r1. x: int8 activations [n_tok][cols]; w: I2 weights, [rows][ceil(cols/4)] bytes
      * (code 3 counts as 0). */
-    void (*i2_matmul)(int32_t *y, size_t ldy, const int8_t *x, size_t ldx, uint32_t n_tok, const uint8_t *w,
-                      uint32_t cols, uint32_t r0, uint32_t r1);
+    bn_ternary_matmul_fn i2_matmul;
+    /* The same for TL1 and TL2 weights (layouts above; invalid indices count as 0). */
+    bn_ternary_matmul_fn tl1_matmul;
+    bn_ternary_matmul_fn tl2_matmul;
     /* Float matmul: y[t*ldy + r] = sum_j x[t*ldx + j] * w[r][j] in float, w a [rows][cols] F32/F16/BF16
      * matrix (the output head). */
     void (*dense_matmul)(float *y, size_t ldy, const float *x, size_t ldx, uint32_t n_tok, const void *w,
                          uint32_t encoding, uint32_t cols, uint32_t r0, uint32_t r1);
 } bn_kernels;
+
+/* The ternary kernel of a variant for encoding I2, TL1 or TL2; NULL for any other encoding. */
+static inline bn_ternary_matmul_fn bn_kernels_ternary(const bn_kernels *k, uint32_t encoding) {
+    switch (encoding) {
+    case BN_ENC_I2: return k->i2_matmul;
+    case BN_ENC_TL1: return k->tl1_matmul;
+    case BN_ENC_TL2: return k->tl2_matmul;
+    default: return NULL;
+    }
+}
 
 /* The scalar reference; every other variant must agree with it (bit for bit: the float kernels too,
  * as they sum each row in the same order, with separate multiplies and adds). */

@@ -28,7 +28,7 @@ const char *bn_kernels_cpu_features(void) { return bn_cpu_features_string(); }
 
 typedef struct {
     const bn_kernels *k;
-    uint32_t encoding; /* BN_ENC_I2: the ternary kernel, else the dense one */
+    uint32_t encoding; /* I2, TL1, TL2: the ternary kernel, else the dense one */
     void *y;
     const void *x;
     uint32_t n_tok;
@@ -40,8 +40,9 @@ static void run_worker(void *arg, uint32_t ith, uint32_t nth) {
     const run_task *t = arg;
     uint64_t r0, r1;
     bn_split(t->rows, ith, nth, &r0, &r1);
-    if (t->encoding == BN_ENC_I2)
-        t->k->i2_matmul(t->y, t->rows, t->x, t->cols, t->n_tok, t->w, t->cols, (uint32_t)r0, (uint32_t)r1);
+    if (BN_ENC_IS_TERNARY(t->encoding))
+        bn_kernels_ternary(t->k, t->encoding)(t->y, t->rows, t->x, t->cols, t->n_tok, t->w, t->cols, (uint32_t)r0,
+                                              (uint32_t)r1);
     else
         t->k->dense_matmul(t->y, t->rows, t->x, t->cols, t->n_tok, t->w, t->encoding, t->cols, (uint32_t)r0,
                            (uint32_t)r1);
@@ -50,7 +51,7 @@ static void run_worker(void *arg, uint32_t ith, uint32_t nth) {
 static bn_status run(uint32_t variant, uint32_t n_threads, run_task *task) {
     task->k = bn_kernels_available(variant);
     if (!task->k || !task->y || (!task->x && task->cols) || (!task->w && task->cols) ||
-        task->encoding > BN_ENC_I2)
+        task->encoding >= BN_ENC_COUNT)
         return BN_ERR_ARG;
     if (n_threads <= 1) {
         run_worker(task, 0, 1);
@@ -70,9 +71,16 @@ bn_status bn_kernels_i2_matmul(uint32_t variant, uint32_t n_threads, int32_t *y,
     return run(variant, n_threads, &task);
 }
 
+bn_status bn_kernels_ternary_matmul(uint32_t variant, uint32_t encoding, uint32_t n_threads, int32_t *y,
+                                    const int8_t *x, uint32_t n_tok, const uint8_t *w, uint32_t rows, uint32_t cols) {
+    if (!BN_ENC_IS_TERNARY(encoding)) return BN_ERR_ARG;
+    run_task task = {NULL, encoding, y, x, n_tok, w, rows, cols};
+    return run(variant, n_threads, &task);
+}
+
 bn_status bn_kernels_dense_matmul(uint32_t variant, uint32_t n_threads, float *y, const float *x, uint32_t n_tok,
                                   const void *w, uint32_t encoding, uint32_t rows, uint32_t cols) {
-    if (encoding == BN_ENC_I2) return BN_ERR_ARG;
+    if (BN_ENC_IS_TERNARY(encoding)) return BN_ERR_ARG;
     run_task task = {NULL, encoding, y, x, n_tok, w, rows, cols};
     return run(variant, n_threads, &task);
 }
@@ -93,11 +101,12 @@ static uint64_t next_rand(uint64_t *s) {
 bn_status bn_kernels_time(uint32_t variant, uint32_t encoding, uint32_t n_threads, uint32_t n_tok, uint32_t rows,
                           uint32_t cols, uint32_t repeats, uint64_t min_weight_bytes, double *seconds) {
     const bn_kernels *k = bn_kernels_available(variant);
-    if (!k || encoding > BN_ENC_I2 || !seconds || rows == 0 || cols == 0 || n_tok == 0) return BN_ERR_ARG;
-    const size_t w_bytes = encoding == BN_ENC_I2 ? (size_t)rows * ((cols + 3) / 4)
-                                                 : (size_t)rows * cols * (encoding == BN_ENC_F32 ? 4 : 2);
+    if (!k || encoding >= BN_ENC_COUNT || !seconds || rows == 0 || cols == 0 || n_tok == 0) return BN_ERR_ARG;
+    const int ternary = BN_ENC_IS_TERNARY(encoding);
+    const size_t w_bytes = ternary ? (size_t)bn_ternary_nbytes(encoding, rows, cols)
+                                   : (size_t)rows * cols * (encoding == BN_ENC_F32 ? 4 : 2);
     size_t copies = min_weight_bytes > w_bytes ? (size_t)((min_weight_bytes + w_bytes - 1) / w_bytes) : 1;
-    const size_t x_size = encoding == BN_ENC_I2 ? 1 : sizeof(float), y_size = 4;
+    const size_t x_size = ternary ? 1 : sizeof(float), y_size = 4;
     unsigned char *w = malloc(w_bytes * copies);
     unsigned char *x = malloc((size_t)n_tok * cols * x_size);
     unsigned char *y = malloc((size_t)n_tok * rows * y_size);
@@ -105,7 +114,7 @@ bn_status bn_kernels_time(uint32_t variant, uint32_t encoding, uint32_t n_thread
     bn_status st = (!w || !x || !y) ? BN_ERR_NOMEM : bn_pool_new(&pool, n_threads ? n_threads : 1);
     if (st != BN_OK) goto done;
     uint64_t s = 0x9e3779b97f4a7c15u;
-    if (encoding == BN_ENC_I2) {
+    if (ternary) { /* any bytes: every kernel reads invalid codes as 0, and all bytes cost the same */
         for (size_t i = 0; i < w_bytes * copies; i++) w[i] = (unsigned char)next_rand(&s);
         for (size_t i = 0; i < (size_t)n_tok * cols; i++) x[i] = (unsigned char)next_rand(&s);
     } else {

@@ -12,6 +12,7 @@
 
 #define ENC_BIT(e) (1u << (e))
 #define ENC_DENSE (ENC_BIT(BN_ENC_F32) | ENC_BIT(BN_ENC_F16) | ENC_BIT(BN_ENC_BF16))
+#define ENC_TERNARY (ENC_BIT(BN_ENC_I2) | ENC_BIT(BN_ENC_TL1) | ENC_BIT(BN_ENC_TL2))
 
 const char *bn_version(void) { return "0.1.0"; }
 
@@ -149,11 +150,11 @@ static bn_status bind_norm(const bn_model *m, const char *path, const char *name
     return st;
 }
 
-static bn_status bind_i2(const bn_model *m, const char *path, const char *name, uint32_t rows, uint32_t cols,
-                         bn_i2_weight *out, char *err, size_t err_len) {
+static bn_status bind_ternary(const bn_model *m, const char *path, const char *name, uint32_t rows, uint32_t cols,
+                              bn_ternary_weight *out, char *err, size_t err_len) {
     const bn_tensor_rec *t;
-    bn_status st = require_tensor(m, path, name, ENC_BIT(BN_ENC_I2), "I2", rows, cols, &t, err, err_len);
-    if (st == BN_OK) *out = (bn_i2_weight){t->data, rows, cols, t->scale};
+    bn_status st = require_tensor(m, path, name, ENC_TERNARY, "I2, TL1 or TL2", rows, cols, &t, err, err_len);
+    if (st == BN_OK) *out = (bn_ternary_weight){t->data, t->encoding, rows, cols, t->scale};
     return st;
 }
 
@@ -173,16 +174,16 @@ static bn_status bind_layer(const bn_model *m, uint32_t il, const char *path, bn
     char name[BN_MAX_NAME_LEN];
 #define NAME(suffix) (snprintf(name, sizeof name, "model.layers.%" PRIu32 ".%s", il, suffix), name)
     bn_status st = bind_norm(m, path, NAME("input_layernorm.weight"), H, &l->attn_norm, err, err_len);
-    if (st == BN_OK) st = bind_i2(m, path, NAME("self_attn.q_proj.weight"), q_dim, H, &l->q, err, err_len);
-    if (st == BN_OK) st = bind_i2(m, path, NAME("self_attn.k_proj.weight"), kv_dim, H, &l->k, err, err_len);
-    if (st == BN_OK) st = bind_i2(m, path, NAME("self_attn.v_proj.weight"), kv_dim, H, &l->v, err, err_len);
+    if (st == BN_OK) st = bind_ternary(m, path, NAME("self_attn.q_proj.weight"), q_dim, H, &l->q, err, err_len);
+    if (st == BN_OK) st = bind_ternary(m, path, NAME("self_attn.k_proj.weight"), kv_dim, H, &l->k, err, err_len);
+    if (st == BN_OK) st = bind_ternary(m, path, NAME("self_attn.v_proj.weight"), kv_dim, H, &l->v, err, err_len);
     if (st == BN_OK) st = bind_norm(m, path, NAME("self_attn.attn_sub_norm.weight"), H, &l->attn_sub_norm, err, err_len);
-    if (st == BN_OK) st = bind_i2(m, path, NAME("self_attn.o_proj.weight"), H, q_dim, &l->o, err, err_len);
+    if (st == BN_OK) st = bind_ternary(m, path, NAME("self_attn.o_proj.weight"), H, q_dim, &l->o, err, err_len);
     if (st == BN_OK) st = bind_norm(m, path, NAME("post_attention_layernorm.weight"), H, &l->ffn_norm, err, err_len);
-    if (st == BN_OK) st = bind_i2(m, path, NAME("mlp.gate_proj.weight"), I, H, &l->gate, err, err_len);
-    if (st == BN_OK) st = bind_i2(m, path, NAME("mlp.up_proj.weight"), I, H, &l->up, err, err_len);
+    if (st == BN_OK) st = bind_ternary(m, path, NAME("mlp.gate_proj.weight"), I, H, &l->gate, err, err_len);
+    if (st == BN_OK) st = bind_ternary(m, path, NAME("mlp.up_proj.weight"), I, H, &l->up, err, err_len);
     if (st == BN_OK) st = bind_norm(m, path, NAME("mlp.ffn_sub_norm.weight"), I, &l->ffn_sub_norm, err, err_len);
-    if (st == BN_OK) st = bind_i2(m, path, NAME("mlp.down_proj.weight"), H, I, &l->down, err, err_len);
+    if (st == BN_OK) st = bind_ternary(m, path, NAME("mlp.down_proj.weight"), H, I, &l->down, err, err_len);
 #undef NAME
     return st;
 }

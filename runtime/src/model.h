@@ -7,13 +7,15 @@
 #include "bitnet.h"
 #include "model_file.h"
 
-/* Ternary BitLinear weight, encoding I2: [rows][ceil(cols/4)] bytes; y = dot(q, w) / s * scale. */
+/* Ternary BitLinear weight [rows][cols] in encoding I2, TL1 or TL2 (kernels.h, docs/format.md);
+ * y = dot(q, w) / s * scale. */
 typedef struct {
     const uint8_t *data;
-    uint32_t rows; /* out_features */
-    uint32_t cols; /* in_features */
+    uint32_t encoding; /* BN_ENC_I2, BN_ENC_TL1 or BN_ENC_TL2 */
+    uint32_t rows;     /* out_features */
+    uint32_t cols;     /* in_features */
     float scale;
-} bn_i2_weight;
+} bn_ternary_weight;
 
 /* Float matrix [rows][cols] in F32, F16 or BF16 (embedding, output head). */
 typedef struct {
@@ -25,16 +27,16 @@ typedef struct {
 
 typedef struct {
     const float *attn_norm;     /* [H] input_layernorm */
-    bn_i2_weight q;             /* [n_heads*D, H] */
-    bn_i2_weight k;             /* [n_kv_heads*D, H] */
-    bn_i2_weight v;             /* [n_kv_heads*D, H] */
+    bn_ternary_weight q;        /* [n_heads*D, H] */
+    bn_ternary_weight k;        /* [n_kv_heads*D, H] */
+    bn_ternary_weight v;        /* [n_kv_heads*D, H] */
     const float *attn_sub_norm; /* [H] */
-    bn_i2_weight o;             /* [H, n_heads*D] */
+    bn_ternary_weight o;        /* [H, n_heads*D] */
     const float *ffn_norm;      /* [H] post_attention_layernorm */
-    bn_i2_weight gate;          /* [I, H] */
-    bn_i2_weight up;            /* [I, H] */
+    bn_ternary_weight gate;     /* [I, H] */
+    bn_ternary_weight up;       /* [I, H] */
     const float *ffn_sub_norm;  /* [I] */
-    bn_i2_weight down;          /* [H, I] */
+    bn_ternary_weight down;     /* [H, I] */
 } bn_layer_weights;
 
 typedef struct {

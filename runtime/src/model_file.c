@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "error.h"
+#include "kernels.h"
 
 #define BN_MAX_META 65536
 #define BN_MAX_TENSORS 65536
@@ -90,7 +91,7 @@ const char *bn_meta_type_name(uint32_t type) {
 }
 
 const char *bn_encoding_name(uint32_t encoding) {
-    static const char *names[BN_ENC_COUNT] = {"F32", "F16", "BF16", "I2"};
+    static const char *names[BN_ENC_COUNT] = {"F32", "F16", "BF16", "I2", "TL1", "TL2"};
     return encoding < BN_ENC_COUNT ? names[encoding] : "unknown";
 }
 
@@ -159,6 +160,10 @@ static uint64_t implied_nbytes(const bn_tensor_rec *t) {
     case BN_ENC_F16:
     case BN_ENC_BF16: return t->numel <= UINT64_MAX / 2 ? 2 * t->numel : 0;
     case BN_ENC_I2: return t->dims[0] * ((t->dims[1] + 3) / 4); /* <= numel: no overflow */
+    case BN_ENC_TL1:
+    case BN_ENC_TL2: /* < 2 * numel + 32 * 40: no overflow for the dims a tensor can have */
+        if (t->dims[0] > UINT32_MAX || t->dims[1] > UINT32_MAX) return 0;
+        return bn_ternary_nbytes(t->encoding, (uint32_t)t->dims[0], (uint32_t)t->dims[1]);
     default: return 0;
     }
 }
@@ -181,9 +186,9 @@ static bn_status check_tensor(bn_file *f, bn_tensor_rec *t, const char *path, ch
         }
         t->numel *= t->dims[d];
     }
-    if (t->encoding == BN_ENC_I2 && t->n_dims != 2) {
-        bn_set_error(err, err_len, "%s: tensor '%.*s': encoding I2 needs 2 dimensions, shape is %s", path, nl,
-                     t->name, shape);
+    if (BN_ENC_IS_TERNARY(t->encoding) && t->n_dims != 2) {
+        bn_set_error(err, err_len, "%s: tensor '%.*s': encoding %s needs 2 dimensions, shape is %s", path, nl,
+                     t->name, bn_encoding_name(t->encoding), shape);
         return BN_ERR_FORMAT;
     }
     uint64_t need = implied_nbytes(t);

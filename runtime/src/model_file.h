@@ -31,9 +31,14 @@ typedef enum {
     BN_ENC_F32 = 0,
     BN_ENC_F16 = 1,
     BN_ENC_BF16 = 2,
-    BN_ENC_I2 = 3, /* 2-D ternary, rows of ceil(cols/4) bytes, 4 codes (w+1) per byte, lowest bits first */
+    BN_ENC_I2 = 3,  /* 2-D ternary, rows of ceil(cols/4) bytes, 4 codes (w+1) per byte, lowest bits first */
+    BN_ENC_TL1 = 4, /* 2-D ternary, weight pairs as 4-bit indices in tiles of 32 rows (kernels.h) */
+    BN_ENC_TL2 = 5, /* 2-D ternary, weight triples as 4-bit index + sign bit in tiles of 32 rows (kernels.h) */
     BN_ENC_COUNT
 } bn_encoding;
+
+/* The ternary (BitLinear) weight encodings. */
+#define BN_ENC_IS_TERNARY(e) ((e) == BN_ENC_I2 || (e) == BN_ENC_TL1 || (e) == BN_ENC_TL2)
 
 typedef struct {
     const char *key; /* into the map, key_len bytes, not NUL-terminated */

@@ -24,8 +24,8 @@ bn_status bn_model_bitlinear(const bn_model *model, const char *name, const floa
         return BN_ERR_ARG;
     }
     const bn_tensor_rec *t = bn_file_tensor(&model->file, name);
-    if (!t || t->encoding != BN_ENC_I2) {
-        bn_set_error(err, err_len, "bn_model_bitlinear: no ternary (I2) tensor named '%s'", name);
+    if (!t || !BN_ENC_IS_TERNARY(t->encoding) || t->n_dims != 2) {
+        bn_set_error(err, err_len, "bn_model_bitlinear: no ternary (I2, TL1, TL2) tensor named '%s'", name);
         return BN_ERR_NOT_FOUND;
     }
     const uint32_t rows = (uint32_t)t->dims[0], cols = (uint32_t)t->dims[1];
@@ -40,7 +40,7 @@ bn_status bn_model_bitlinear(const bn_model *model, const char *name, const floa
     const bn_kernels *kern = bn_kernels_select();
     for (uint32_t i = 0; i < n_rows; i++) {
         float s = bn_quantize_row_i8(q, x + (size_t)i * cols, cols);
-        kern->i2_matmul(acc, rows, q, cols, 1, t->data, cols, 0, rows);
+        bn_kernels_ternary(kern, t->encoding)(acc, rows, q, cols, 1, t->data, cols, 0, rows);
         for (uint32_t r = 0; r < rows; r++) y[(size_t)i * rows + r] = ((float)acc[r] / s) * t->scale;
     }
     free(q);

@@ -13,6 +13,20 @@
  * Code 3 counts as 0: a 4-entry pshufb table maps codes {0,1,2,3} -> {0,1,2,1}. Zero padding makes
  * whatever codes sit past `cols` harmless. Several tokens (up to 4) share each unpacked weight block.
  *
+ * TL1 / TL2 matmul (layouts in kernels.h). A lookup-table kernel vectorizes over rows: lane i of a
+ * 32-byte weight vector is row i of a 32-row tile, and its low (high) nibbles are every lane's index
+ * for one pair (triple) of columns, so one pshufb looks up 32 rows in that pair's 16-entry table.
+ * Per token and pair (triple) the exact int16 table T[idx] = the dot product of the pair (triple)
+ * with the weights idx stands for (|T| <= 256, resp. 384; padding entries 0) is stored split into a
+ * low-byte and a high-byte table; the activations are zero-padded, so padded and absent pairs add 0.
+ * Summing without re-joining the bytes: per row, sum(T) = sum(lo) + 256 * sum(hi) (mod 2^16), and
+ * over at most TL_FLUSH pairs the true sum fits in int16, so it is recovered exactly mod 2^16:
+ * sum(hi) is only needed mod 256 (byte adds), sum(lo) in 16-bit lanes, where A = sum of the raw
+ * lanes (rows 2i + 256 * rows 2i+1) and B = sum of lanes >> 8 (rows 2i+1) give the even rows as
+ * A - (B << 8). Then the int16 sums are sign-extended into int32 accumulators. TL2 applies a
+ * triple's sign s (0 or -1 per row byte) as -T = (T ^ s) - s: both bytes are xor-ed with s before
+ * summing, and the count of negated triples per row (shared by all tokens) is added at the flush.
+ *
  * Dense matmul (output head). To stay bit-identical with the reference, which sums each row left
  * to right with a separate multiply and add per element, the 8 lanes of a vector are 8 rows (not 8
  * columns): an 8x8 weight tile is transposed in registers, then for each column j
@@ -226,6 +240,258 @@ BN_AVX2 static void i2_matmul_avx2(int32_t *y, size_t ldy, const int8_t *x, size
     }
 }
 
+/* ---- TL1 / TL2 ---- */
+
+enum {
+    TL_FLUSH = 64,        /* pairs or triples summed in int16 (|sum| <= 64*384 + 256) before widening */
+    TL_TOKENS = 4,        /* tokens sharing one weight vector */
+    TL_TABLE = 32,        /* bytes of one pair's or triple's table: 16 low bytes, then 16 high bytes */
+    TL_TAB_BUDGET = 1 << 20, /* bytes of tables per token chunk */
+};
+#ifndef TL_PREFETCH
+#define TL_PREFETCH 1024 /* bytes ahead in the weight stream */
+#endif
+
+/* Stores the 16 int16 entries of e as a table: the 16 low bytes, then the 16 high bytes. */
+BN_AVX2 BN_INLINE void tl_store_table(int8_t *dst, __m256i e) {
+    const __m256i lo = _mm256_and_si256(e, _mm256_set1_epi16(0xff)), hi = _mm256_srli_epi16(e, 8);
+    /* packus: lo 0-7, hi 0-7 | lo 8-15, hi 8-15; the qword permute puts the low bytes first */
+    _mm256_store_si256((__m256i *)dst, _mm256_permute4x64_epi64(_mm256_packus_epi16(lo, hi), 0xd8));
+}
+
+BN_AVX2 BN_INLINE int16_t tl_x(const int8_t *x, uint32_t cols, uint32_t j) { return j < cols ? x[j] : 0; }
+
+/* TL1 tables of one token: pair p (p < 2*ceil(cols/4)) at dst + 32p, entry k = x0*w0(k) + x1*w1(k). */
+BN_AVX2 static void tl1_prep_row(int8_t *dst, const int8_t *x, uint32_t cols) {
+    const __m256i w0 = _mm256_setr_epi16(-1, -1, -1, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0);
+    const __m256i w1 = _mm256_setr_epi16(-1, 0, 1, -1, 0, 1, -1, 0, 1, 0, 0, 0, 0, 0, 0, 0);
+    const uint32_t n_pairs = 2 * ((cols + 3) / 4);
+    for (uint32_t p = 0; p < n_pairs; p++) {
+        const __m256i b0 = _mm256_set1_epi16(tl_x(x, cols, 2 * p)), b1 = _mm256_set1_epi16(tl_x(x, cols, 2 * p + 1));
+        tl_store_table(dst + (size_t)TL_TABLE * p, _mm256_add_epi16(_mm256_sign_epi16(b0, w0), _mm256_sign_epi16(b1, w1)));
+    }
+}
+
+/* TL2 tables of one token: triple k (k < 2*groups) at dst + 32k, then the tail pair's TL1 table. */
+BN_AVX2 static void tl2_prep_row(int8_t *dst, const int8_t *x, uint32_t cols) {
+    const __m256i w0 = _mm256_setr_epi16(0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0);
+    const __m256i w1 = _mm256_setr_epi16(0, 0, 1, 1, 1, -1, -1, -1, 0, 0, 0, 1, 1, 1, 0, 0);
+    const __m256i w2 = _mm256_setr_epi16(0, 1, -1, 0, 1, -1, 0, 1, -1, 0, 1, -1, 0, 1, 0, 0);
+    const uint32_t n_triples = cols / 3, padded = (n_triples + 1) / 2 * 2;
+    for (uint32_t k = 0; k < padded; k++) {
+        const uint32_t j = 3 * k;
+        const int16_t v0 = k < n_triples ? x[j] : 0, v1 = k < n_triples ? x[j + 1] : 0,
+                      v2 = k < n_triples ? x[j + 2] : 0;
+        const __m256i e = _mm256_add_epi16(
+            _mm256_add_epi16(_mm256_sign_epi16(_mm256_set1_epi16(v0), w0), _mm256_sign_epi16(_mm256_set1_epi16(v1), w1)),
+            _mm256_sign_epi16(_mm256_set1_epi16(v2), w2));
+        tl_store_table(dst + (size_t)TL_TABLE * k, e);
+    }
+    if (cols % 3) {
+        const __m256i t0 = _mm256_setr_epi16(-1, -1, -1, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0);
+        const __m256i t1 = _mm256_setr_epi16(-1, 0, 1, -1, 0, 1, -1, 0, 1, 0, 0, 0, 0, 0, 0, 0);
+        const __m256i b0 = _mm256_set1_epi16(x[3 * n_triples]), b1 = _mm256_set1_epi16(tl_x(x, cols, 3 * n_triples + 1));
+        tl_store_table(dst + (size_t)TL_TABLE * padded,
+                       _mm256_add_epi16(_mm256_sign_epi16(b0, t0), _mm256_sign_epi16(b1, t1)));
+    }
+}
+
+/* Per-token sums of one tile since the last flush (see the top). */
+typedef struct {
+    __m256i a, b, h;
+} tl_acc;
+
+/* Looks up one pair's (triple's) table for the 32 row indices idx, negates where sign (0 / -1 bytes)
+ * is set, and adds into acc. */
+BN_AVX2 BN_INLINE void tl_lookup(tl_acc *acc, __m256i idx, __m256i sign, int signed_, const int8_t *tab) {
+    const __m256i lo_t = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i *)tab));
+    const __m256i hi_t = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i *)(tab + 16)));
+    __m256i lo = _mm256_shuffle_epi8(lo_t, idx), hi = _mm256_shuffle_epi8(hi_t, idx);
+    if (signed_) {
+        lo = _mm256_xor_si256(lo, sign);
+        hi = _mm256_xor_si256(hi, sign);
+    }
+    acc->h = _mm256_add_epi8(acc->h, hi);
+    acc->a = _mm256_add_epi16(acc->a, lo);
+    acc->b = _mm256_add_epi16(acc->b, _mm256_srli_epi16(lo, 8));
+}
+
+/* Adds the int16 sums of acc (+ cnt, the per-row byte counts of negated triples) into the int32
+ * accumulators: acc32[0] lane k = row 4k, [1] = 4k+2, [2] = 4k+1, [3] = 4k+3; clears acc. */
+BN_AVX2 BN_INLINE void tl_flush(tl_acc *acc, __m256i cnt, __m256i acc32[4]) {
+    const __m256i m_hi = _mm256_set1_epi16((short)0xff00), m_lo = _mm256_set1_epi16(0xff);
+    __m256i odd = _mm256_add_epi16(acc->b, _mm256_and_si256(acc->h, m_hi));
+    __m256i even = _mm256_add_epi16(_mm256_sub_epi16(acc->a, _mm256_slli_epi16(acc->b, 8)), _mm256_slli_epi16(acc->h, 8));
+    even = _mm256_add_epi16(even, _mm256_and_si256(cnt, m_lo));
+    odd = _mm256_add_epi16(odd, _mm256_srli_epi16(cnt, 8));
+    acc32[0] = _mm256_add_epi32(acc32[0], _mm256_srai_epi32(_mm256_slli_epi32(even, 16), 16));
+    acc32[1] = _mm256_add_epi32(acc32[1], _mm256_srai_epi32(even, 16));
+    acc32[2] = _mm256_add_epi32(acc32[2], _mm256_srai_epi32(_mm256_slli_epi32(odd, 16), 16));
+    acc32[3] = _mm256_add_epi32(acc32[3], _mm256_srai_epi32(odd, 16));
+    acc->a = acc->b = acc->h = _mm256_setzero_si256();
+}
+
+/* out[t*32 + i] = row i of the tile for token t, from the int32 accumulators. */
+BN_AVX2 BN_INLINE void tl_store(__m256i acc32[4], int32_t *out) {
+    int32_t v[4][8];
+    for (int k = 0; k < 4; k++) _mm256_storeu_si256((__m256i *)v[k], acc32[k]);
+    for (int k = 0; k < 8; k++) {
+        out[4 * k + 0] = v[0][k];
+        out[4 * k + 1] = v[2][k];
+        out[4 * k + 2] = v[1][k];
+        out[4 * k + 3] = v[3][k];
+    }
+}
+
+/* One TL1 tile (32 rows, `quads` weight vectors) for NT tokens whose tables are tstride bytes apart. */
+BN_AVX2 BN_INLINE void tl1_tile(const uint8_t *wt, uint32_t quads, const int8_t *tabs, size_t tstride, int NT,
+                                 int32_t *out) {
+    const __m256i m0f = _mm256_set1_epi8(15), zero = _mm256_setzero_si256();
+    tl_acc acc[TL_TOKENS];
+    __m256i acc32[TL_TOKENS][4];
+    for (int t = 0; t < NT; t++) {
+        acc[t].a = acc[t].b = acc[t].h = zero;
+        for (int k = 0; k < 4; k++) acc32[t][k] = zero;
+    }
+    for (uint32_t q = 0; q < quads;) {
+        const uint32_t end = q + TL_FLUSH / 2 < quads ? q + TL_FLUSH / 2 : quads;
+        for (; q < end; q++) {
+            _mm_prefetch((const char *)(wt + 32 * (size_t)q + TL_PREFETCH), _MM_HINT_T0);
+            const __m256i w = _mm256_loadu_si256((const __m256i *)(wt + 32 * (size_t)q));
+            const __m256i i0 = _mm256_and_si256(w, m0f), i1 = _mm256_and_si256(_mm256_srli_epi16(w, 4), m0f);
+            for (int t = 0; t < NT; t++) {
+                const int8_t *tab = tabs + t * tstride + (size_t)2 * TL_TABLE * q;
+                tl_lookup(&acc[t], i0, zero, 0, tab);
+                tl_lookup(&acc[t], i1, zero, 0, tab + TL_TABLE);
+            }
+        }
+        for (int t = 0; t < NT; t++) tl_flush(&acc[t], zero, acc32[t]);
+    }
+    for (int t = 0; t < NT; t++) tl_store(acc32[t], out + 32 * t);
+}
+
+/* 32 sign bits (bit i: lane i) -> bytes 0 / -1. */
+BN_AVX2 BN_INLINE __m256i tl2_signs(const uint8_t *p) {
+    const __m256i sel = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3,
+                                         3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16,
+                                         32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128);
+    int32_t word;
+    memcpy(&word, p, 4);
+    const __m256i s = _mm256_shuffle_epi8(_mm256_set1_epi32(word), sel);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(s, bit), bit);
+}
+
+/* One TL2 tile (32 rows, `groups` 40-byte groups, then the tail vector if `tail`). */
+BN_AVX2 BN_INLINE void tl2_tile(const uint8_t *wt, uint32_t groups, int tail, const int8_t *tabs, size_t tstride,
+                                 int NT, int32_t *out) {
+    const __m256i m0f = _mm256_set1_epi8(15), zero = _mm256_setzero_si256();
+    tl_acc acc[TL_TOKENS];
+    __m256i acc32[TL_TOKENS][4], cnt = zero;
+    for (int t = 0; t < NT; t++) {
+        acc[t].a = acc[t].b = acc[t].h = zero;
+        for (int k = 0; k < 4; k++) acc32[t][k] = zero;
+    }
+    for (uint32_t g = 0; g < groups;) {
+        const uint32_t end = g + TL_FLUSH / 2 < groups ? g + TL_FLUSH / 2 : groups;
+        for (; g < end; g++) {
+            const uint8_t *p = wt + (size_t)BN_TL2_GROUP_BYTES * g;
+            _mm_prefetch((const char *)(p + TL_PREFETCH), _MM_HINT_T0);
+            const __m256i w = _mm256_loadu_si256((const __m256i *)p);
+            const __m256i i0 = _mm256_and_si256(w, m0f), i1 = _mm256_and_si256(_mm256_srli_epi16(w, 4), m0f);
+            const __m256i s0 = tl2_signs(p + 32), s1 = tl2_signs(p + 36);
+            cnt = _mm256_sub_epi8(_mm256_sub_epi8(cnt, s0), s1);
+            for (int t = 0; t < NT; t++) {
+                const int8_t *tab = tabs + t * tstride + (size_t)2 * TL_TABLE * g;
+                tl_lookup(&acc[t], i0, s0, 1, tab);
+                tl_lookup(&acc[t], i1, s1, 1, tab + TL_TABLE);
+            }
+        }
+        if (g < groups) { /* more to come: widen now (the last flush is after the tail) */
+            for (int t = 0; t < NT; t++) tl_flush(&acc[t], cnt, acc32[t]);
+            cnt = zero;
+        }
+    }
+    if (tail) {
+        const __m256i idx = _mm256_and_si256(
+            _mm256_loadu_si256((const __m256i *)(wt + (size_t)BN_TL2_GROUP_BYTES * groups)), m0f);
+        for (int t = 0; t < NT; t++)
+            tl_lookup(&acc[t], idx, zero, 0, tabs + t * tstride + (size_t)2 * TL_TABLE * groups);
+    }
+    for (int t = 0; t < NT; t++) {
+        tl_flush(&acc[t], cnt, acc32[t]);
+        tl_store(acc32[t], out + 32 * t);
+    }
+}
+
+/* Instances with a constant token count, so that the accumulators live in registers. */
+typedef void (*tl_tile_fn)(const uint8_t *wt, uint32_t n, int tail, const int8_t *tabs, size_t tstride, int32_t *out);
+#define TL_INSTANCES(NT)                                                                                           \
+    BN_AVX2 static void tl1_tile##NT(const uint8_t *wt, uint32_t n, int tail, const int8_t *tabs, size_t ts,      \
+                                     int32_t *out) {                                                               \
+        (void)tail;                                                                                                \
+        tl1_tile(wt, n, tabs, ts, NT, out);                                                                        \
+    }                                                                                                              \
+    BN_AVX2 static void tl2_tile##NT(const uint8_t *wt, uint32_t n, int tail, const int8_t *tabs, size_t ts,      \
+                                     int32_t *out) {                                                               \
+        tl2_tile(wt, n, tail, tabs, ts, NT, out);                                                                  \
+    }
+TL_INSTANCES(1)
+TL_INSTANCES(2)
+TL_INSTANCES(3)
+TL_INSTANCES(4)
+
+BN_AVX2 static void tl_matmul(int enc, int32_t *y, size_t ldy, const int8_t *x, size_t ldx, uint32_t n_tok,
+                              const uint8_t *w, uint32_t cols, uint32_t r0, uint32_t r1) {
+    if (r0 >= r1 || n_tok == 0) return;
+    const int tl2 = enc == BN_ENC_TL2;
+    const size_t tile_bytes = tl2 ? bn_tl2_tile_bytes(cols) : bn_tl1_tile_bytes(cols);
+    const uint32_t n = tl2 ? (cols / 3 + 1) / 2 : (cols + 3) / 4; /* weight vectors (groups) per tile */
+    const int tail = tl2 && cols % 3;
+    const size_t tstride = (size_t)TL_TABLE * (2 * n + (size_t)tail); /* table bytes per token */
+    uint32_t chunk = (uint32_t)(TL_TAB_BUDGET / tstride);
+    chunk = chunk < TL_TOKENS ? TL_TOKENS : chunk;
+    chunk = n_tok < chunk ? n_tok : chunk;
+    int8_t *tabs = scratch_get(chunk * tstride);
+    if (!tabs) { /* out of memory: the reference gives the same result */
+        bn_kernels_ternary(&bn_kernels_ref, (uint32_t)enc)(y, ldy, x, ldx, n_tok, w, cols, r0, r1);
+        return;
+    }
+    static const tl_tile_fn tl1_fn[TL_TOKENS + 1] = {NULL, tl1_tile1, tl1_tile2, tl1_tile3, tl1_tile4};
+    static const tl_tile_fn tl2_fn[TL_TOKENS + 1] = {NULL, tl2_tile1, tl2_tile2, tl2_tile3, tl2_tile4};
+    const tl_tile_fn *fn = tl2 ? tl2_fn : tl1_fn;
+
+    for (uint32_t t0 = 0; t0 < n_tok; t0 += chunk) {
+        const uint32_t nt = n_tok - t0 < chunk ? n_tok - t0 : chunk;
+        for (uint32_t t = 0; t < nt; t++) {
+            if (tl2) tl2_prep_row(tabs + t * tstride, x + (t0 + t) * ldx, cols);
+            else tl1_prep_row(tabs + t * tstride, x + (t0 + t) * ldx, cols);
+        }
+        for (uint32_t tile = r0 / BN_TL_TILE; tile <= (r1 - 1) / BN_TL_TILE; tile++) {
+            const uint32_t base = tile * BN_TL_TILE;
+            const uint32_t lo = r0 > base ? r0 - base : 0, hi = r1 - base < BN_TL_TILE ? r1 - base : BN_TL_TILE;
+            const uint8_t *wt = w + (size_t)tile * tile_bytes;
+            for (uint32_t tb = 0; tb < nt; tb += TL_TOKENS) {
+                const uint32_t k = nt - tb < TL_TOKENS ? nt - tb : TL_TOKENS;
+                int32_t out[TL_TOKENS * BN_TL_TILE];
+                fn[k](wt, n, tail, tabs + tb * tstride, tstride, out);
+                for (uint32_t i = 0; i < k; i++)
+                    for (uint32_t l = lo; l < hi; l++) y[(t0 + tb + i) * ldy + base + l] = out[i * BN_TL_TILE + l];
+            }
+        }
+    }
+}
+
+BN_AVX2 static void tl1_matmul_avx2(int32_t *y, size_t ldy, const int8_t *x, size_t ldx, uint32_t n_tok,
+                                    const uint8_t *w, uint32_t cols, uint32_t r0, uint32_t r1) {
+    tl_matmul(BN_ENC_TL1, y, ldy, x, ldx, n_tok, w, cols, r0, r1);
+}
+
+BN_AVX2 static void tl2_matmul_avx2(int32_t *y, size_t ldy, const int8_t *x, size_t ldx, uint32_t n_tok,
+                                    const uint8_t *w, uint32_t cols, uint32_t r0, uint32_t r1) {
+    tl_matmul(BN_ENC_TL2, y, ldy, x, ldx, n_tok, w, cols, r0, r1);
+}
+
 /* ---- dense (output head) ---- */
 
 BN_AVX2 BN_INLINE __m256 half8_to_f32(int enc, __m128i h) {
@@ -377,6 +643,8 @@ BN_AVX2 static void dense_matmul_avx2(float *y, size_t ldy, const float *x, size
 const bn_kernels bn_kernels_avx2 = {
     .name = "avx2",
     .i2_matmul = i2_matmul_avx2,
+    .tl1_matmul = tl1_matmul_avx2,
+    .tl2_matmul = tl2_matmul_avx2,
     .dense_matmul = dense_matmul_avx2,
 };
 
