@@ -1,16 +1,18 @@
-"""The `bitnet-run` command line: convert, pull, run (generate), chat, show.
+"""The `bitnet-run` command line: convert, pull, run (generate), chat, show, bench.
 
 Flags follow llama.cpp (-m -p -f -n -t -c --temp --top-k --top-p --min-p --repeat-penalty --seed);
 generated text goes to stdout, timings and progress to stderr.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__
@@ -22,7 +24,7 @@ err_console = Console(stderr=True)
 
 
 def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -92,7 +94,7 @@ def _progress() -> Progress:
     )
 
 
-def _convert(src: str, output: Path) -> Path:
+def _convert(src: str, output: Path, weights: str = "i2") -> Path:
     from .convert import ConversionError, convert_checkpoint
 
     with _progress() as progress:
@@ -102,7 +104,7 @@ def _convert(src: str, output: Path) -> Path:
             progress.update(task, completed=done, total=total, item=name)
 
         try:
-            return convert_checkpoint(src, output, progress=report)
+            return convert_checkpoint(src, output, progress=report, weights=weights)
         except (ConversionError, OSError) as exc:
             _fail(str(exc))
 
@@ -112,9 +114,12 @@ def _convert(src: str, output: Path) -> Path:
 def convert(
     src: str = typer.Argument(..., help="Hugging Face checkpoint folder, or a hub repo id."),
     output: Path = typer.Option(..., "-o", "--output", help="The .bnr file to write."),
+    weights: str = typer.Option("i2", "--weights", help="Ternary weight encoding: i2, tl1 or tl2."),
 ):
     """Convert a Hugging Face BitNet checkpoint into a packed .bnr model file."""
-    path = _convert(src, output)
+    if weights not in ("i2", "tl1", "tl2"):
+        _fail(f"--weights must be i2, tl1 or tl2, not {weights!r}")
+    path = _convert(src, output, weights)
     err_console.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)", highlight=False)
 
 
@@ -251,6 +256,95 @@ def show(model: Optional[Path] = typer.Argument(None, help="Model file (.bnr); d
         typer.echo(
             f"  {t.name:<{width}}  {t.encoding_name:<8}  {shape:<14}  {t.scale:>10.6g}  {t.offset:>12}  {t.nbytes:>12}"
         )
+
+
+@app.command()
+def bench(
+    model: Optional[List[str]] = typer.Option(
+        None, "-m", "--model", help="Model file(s) (.bnr): repeat -m or give a comma list. Default: the demo model, "
+        "unless --synthetic is given."),
+    synthetic: Optional[str] = typer.Option(
+        None, "--synthetic", help="Synthetic random-ternary shape(s), comma list: tiny, large-700m, 2b-4t, 3b, 8b "
+        "(written once into the cache)."),
+    n_prompt: str = typer.Option("512", "-p", "--n-prompt", help="Prompt lengths for ppN tests: N, A-B, A-B+S, A-B*M, "
+                                 "comma lists; 0 = none."),
+    n_gen: str = typer.Option("128", "-n", "--n-gen", help="Generated tokens for tgN tests (same syntax); 0 = none."),
+    repetitions: int = typer.Option(5, "-r", "--repetitions", help="Timed runs per test (after one warm-up)."),
+    threads: Optional[str] = typer.Option(None, "-t", "--threads", help="Thread counts, e.g. 1,2 or 1-8*2 "
+                                          "(default: one per CPU)."),
+    output: str = typer.Option("md", "-o", "--output", help="md, json or csv."),
+    peers: str = typer.Option("none", "--peers", help="Peer runtimes to run on the same shape: none (llamacpp: later)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where synthetic models are cached "
+                                             "(default: $XDG_CACHE_HOME/bitnet-run/synthetic)."),
+    membw_mib: int = typer.Option(512, "--membw-mib", help="Buffer of the read-bandwidth probe, MiB."),
+    warmup: bool = typer.Option(True, "--warmup/--no-warmup", help="One untimed run before each test."),
+    kernels: bool = typer.Option(False, "--kernels", help="Instead of whole-model tests, time each kernel variant "
+                                 "on the models' ternary matrix shapes (1 token and each -p length)."),
+):
+    """Measure prompt processing (ppN) and generation (tgN) tokens/s, llama-bench style.
+
+    Runs every combination of models x threads x tests; tokenisation and sampling are not timed.
+    Each report shows the read bandwidth and the decoding ceiling it implies.
+    """
+
+    from . import bench as bn
+    from . import synthetic as syn
+    from .errors import BitNetError as _BitNetError
+
+    try:
+        if output not in bn.OUTPUT_FORMATS:
+            raise bn.BenchError(f"-o: unknown output format {output!r} (expected md, json or csv)")
+        bn.check_peers(peers)
+        p_list = bn.parse_int_list(n_prompt, "-p")
+        n_list = bn.parse_int_list(n_gen, "-n")
+        t_list = bn.parse_int_list(threads, "-t", minimum=1) if threads is not None else [os.cpu_count() or 1]
+        shapes = [s.strip() for s in synthetic.split(",")] if synthetic is not None else []
+        for shape in shapes:
+            syn.get_shape(shape)
+        paths = [Path(m.strip()) for item in (model or []) for m in item.split(",") if m.strip()]
+        if not paths and not shapes:
+            paths = [default_model()]
+        for path in paths:
+            if not path.is_file():
+                raise bn.BenchError(f"{path}: no such model file")
+        spec = bn.BenchSpec(
+            models=[(p.stem, p) for p in paths], n_prompt=p_list, n_gen=n_list, threads=t_list,
+            repetitions=repetitions, membw_bytes=max(membw_mib, 0) << 20, warmup=warmup,
+        )
+        bn.validate(spec, models=False)  # the synthetic models are added below, once written
+    except (bn.BenchError, ValueError, OSError) as exc:
+        _fail(str(exc))
+
+    for shape in shapes:
+        path = syn.cached_path(shape, cache_dir)
+        if path is not None:
+            spec.models.append((f"synthetic {shape}", path))
+            continue
+        err_console.print(f"writing the synthetic model {shape} into {cache_dir or syn.default_cache_dir()} (once)",
+                          highlight=False)
+        try:
+            with _progress() as progress:
+                task = progress.add_task(f"synthetic {shape}", total=None, item="")
+
+                def report(done: int, total: int, name: str) -> None:
+                    progress.update(task, completed=done, total=total, item=name)
+
+                path = syn.ensure_synthetic(shape, cache_dir, progress=report)
+        except OSError as exc:
+            _fail(f"cannot write the synthetic model {shape}: {exc}")
+        spec.models.append((f"synthetic {shape}", path))
+
+    def log(message: str) -> None:
+        err_console.print(f"[dim]bench: {message}[/]", highlight=False)
+
+    try:
+        if kernels:
+            sys.stdout.write(bn.format_kernel_rows(bn.run_kernels(spec, log=log), output))
+            return
+        rows = bn.run(spec, log=log)
+    except (bn.BenchError, ValueError, OSError, MemoryError, RuntimeError, _BitNetError) as exc:
+        _fail(str(exc))
+    sys.stdout.write(bn.format_rows(rows, output))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,263 @@
+"""Synthetic models for benchmarking: random ternary weights of a real model's exact shape, written
+straight from numpy into a packed .bnr file (no download, no torch) and cached.
+
+The weights are meaningless (the text they generate is noise) but every tensor has the shape,
+encoding and size of the real model, so the runtime does exactly the work it does for the real one.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from . import fileformat as ff
+
+SYNTHETIC_FORMAT = 1  # bump when the files written here change, so stale caches are rewritten
+EMBEDDING_STD = 0.02
+EMBEDDING_CHUNK_ROWS = 4096
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The dimensions of one synthetic model (architecture `bitnet`: relu2 FFN, sub-norms)."""
+
+    name: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    tied_embeddings: bool
+    context_length: int
+    rope_theta: float
+    description: str
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_heads
+
+
+# The dimensions of released ternary models (docs/benchmarks.md). Where the released model is not a
+# `bitnet` (relu2 + sub-norm) architecture, its dimensions are used with this architecture: the
+# matrices, and so the work per token, are the same.
+SHAPES: dict[str, Shape] = {
+    s.name: s
+    for s in (
+        Shape("tiny", 1024, 256, 688, 2, 4, 2, True, 512, 500000.0,
+              "tiny test shape for CI smoke runs"),
+        Shape("large-700m", 32002, 1536, 4096, 24, 16, 16, True, 2048, 10000.0,
+              "1bitLLM/bitnet_b1_58-large dimensions"),
+        Shape("2b-4t", 128256, 2560, 6912, 30, 20, 5, True, 4096, 500000.0,
+              "microsoft/bitnet-b1.58-2B-4T"),
+        Shape("3b", 32002, 3200, 8640, 26, 32, 32, True, 2048, 10000.0,
+              "1bitLLM/bitnet_b1_58-3B dimensions"),
+        Shape("8b", 128256, 4096, 14336, 32, 32, 8, False, 8192, 500000.0,
+              "HF1BitLLM/Llama3-8B-1.58-100B-tokens dimensions"),
+    )
+}
+
+EMBEDDING, NORM, LINEAR = "embedding", "norm", "linear"
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    kind: str  # EMBEDDING, NORM or LINEAR
+    encoding: int
+    dims: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.dims)
+
+    @property
+    def nbytes(self) -> int:
+        return ff.encoded_nbytes(self.encoding, self.dims)
+
+
+def get_shape(name: str) -> Shape:
+    try:
+        return SHAPES[name]
+    except KeyError:
+        raise ValueError(f"unknown synthetic shape {name!r} (known: {', '.join(SHAPES)})") from None
+
+
+def tensor_plan(shape: Shape | str) -> list[PlannedTensor]:
+    """Every tensor of the file in write order (docs/format.md), without writing anything."""
+    s = get_shape(shape) if isinstance(shape, str) else shape
+    H, I, D = s.hidden_size, s.intermediate_size, s.head_dim
+    q, kv = s.n_heads * D, s.n_kv_heads * D
+    emb = ff.ENCODING_BF16
+    plan = [PlannedTensor("model.embed_tokens.weight", EMBEDDING, emb, (s.vocab_size, H)),
+            PlannedTensor("model.norm.weight", NORM, ff.ENCODING_F32, (H,))]
+    if not s.tied_embeddings:
+        plan.append(PlannedTensor("lm_head.weight", EMBEDDING, emb, (s.vocab_size, H)))
+    for i in range(s.n_layers):
+        L = f"model.layers.{i}"
+        for suffix, n in (("input_layernorm", H), ("post_attention_layernorm", H),
+                          ("self_attn.attn_sub_norm", H), ("mlp.ffn_sub_norm", I)):
+            plan.append(PlannedTensor(f"{L}.{suffix}.weight", NORM, ff.ENCODING_F32, (n,)))
+        for suffix, dims in (("self_attn.q_proj", (q, H)), ("self_attn.k_proj", (kv, H)),
+                             ("self_attn.v_proj", (kv, H)), ("self_attn.o_proj", (H, q)),
+                             ("mlp.gate_proj", (I, H)), ("mlp.up_proj", (I, H)), ("mlp.down_proj", (H, I))):
+            plan.append(PlannedTensor(f"{L}.{suffix}.weight", LINEAR, ff.ENCODING_I2, dims))
+    return plan
+
+
+def plan_summary(shape: Shape | str) -> dict:
+    """Parameter counts and data bytes of a shape, from the plan alone."""
+    plan = tensor_plan(shape)
+    linear = [t for t in plan if t.kind == LINEAR]
+    return {
+        "params": sum(t.numel for t in plan),
+        "linear_params": sum(t.numel for t in linear),
+        "embedding_params": sum(t.numel for t in plan if t.kind == EMBEDDING),
+        "data_bytes": sum(t.nbytes for t in plan),
+        "linear_bytes": sum(t.nbytes for t in linear),
+    }
+
+
+# --------------------------------------------------------------------------- tensor producers
+
+# The 81 bytes whose four 2-bit codes are all valid (0, 1, 2 = w+1): a uniform pick among them is
+# four independent uniform ternary weights, already packed.
+_VALID_I2_BYTES = np.array(
+    [a | (b << 2) | (c << 4) | (d << 6) for d in range(3) for c in range(3) for b in range(3) for a in range(3)],
+    dtype=np.uint8,
+)
+
+
+def _random_ternary(rng: np.random.Generator, dims: tuple[int, int]) -> ff.TensorData:
+    out_features, in_features = dims
+    if in_features % 4 == 0:
+        packed = _VALID_I2_BYTES[rng.integers(0, 81, size=(out_features, in_features // 4), dtype=np.uint8)]
+    else:
+        packed = ff.pack_i2(rng.integers(-1, 2, size=dims, dtype=np.int8))
+    # keeps activations near unit scale through the layers (2/3 of random ternary weights are nonzero)
+    return ff.TensorData(packed, 1.0 / math.sqrt(in_features * 2.0 / 3.0))
+
+
+def _random_bf16(rng: np.random.Generator, dims: tuple[int, int]) -> ff.TensorData:
+    """Normal(0, EMBEDDING_STD) rounded to bf16 (round half to even), generated in row chunks."""
+    rows, cols = dims
+    out = np.empty((rows, cols), dtype=np.uint16)
+    for start in range(0, rows, EMBEDDING_CHUNK_ROWS):
+        stop = min(rows, start + EMBEDDING_CHUNK_ROWS)
+        bits = (rng.standard_normal((stop - start, cols), dtype=np.float32) * np.float32(EMBEDDING_STD)).view(np.uint32)
+        out[start:stop] = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    return ff.TensorData(out)
+
+
+def _producer(t: PlannedTensor, rng: np.random.Generator) -> Callable[[], ff.TensorData]:
+    if t.kind == LINEAR:
+        return lambda: _random_ternary(rng, t.dims)
+    if t.kind == EMBEDDING:
+        return lambda: _random_bf16(rng, t.dims)
+    return lambda: ff.TensorData(np.ones(t.dims, dtype=np.float32))
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
+
+
+def tokenizer_json() -> str:
+    """A small valid tokenizer.json (word level over 256 byte-ish words + specials). The benchmark
+    feeds token ids directly, so the tokenizer only has to load; ids stay below every shape's vocab."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {BOS: 0, EOS: 1, "<unk>": 2}
+    for i in range(253):
+        vocab[f"w{i}"] = len(vocab)
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tokenizer.to_str()
+
+
+# --------------------------------------------------------------------------- writing and the cache
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "bitnet-run" / "synthetic"
+
+
+def write_synthetic(shape: Shape | str, path: str | os.PathLike, seed: int = 0,
+                    progress: Callable[[int, int, str], None] | None = None) -> Path:
+    """Write a random ternary model of `shape` to `path` (streamed tensor by tensor)."""
+    s = get_shape(shape) if isinstance(shape, str) else shape
+    rng = np.random.default_rng(seed)
+    w = ff.Writer()
+    w.add_string("general.architecture", "bitnet")
+    w.add_string("general.name", f"synthetic-{s.name}")
+    w.add_string("general.source", f"synthetic random ternary weights, shape {s.name} ({s.description}), seed {seed}")
+    w.add_string("general.converter", f"bitnet-run {__version__}")
+    w.add_u32("bitnet.vocab_size", s.vocab_size)
+    w.add_u32("bitnet.hidden_size", s.hidden_size)
+    w.add_u32("bitnet.intermediate_size", s.intermediate_size)
+    w.add_u32("bitnet.n_layers", s.n_layers)
+    w.add_u32("bitnet.n_heads", s.n_heads)
+    w.add_u32("bitnet.n_kv_heads", s.n_kv_heads)
+    w.add_u32("bitnet.head_dim", s.head_dim)
+    w.add_u32("bitnet.context_length", s.context_length)
+    w.add_f32("bitnet.rms_norm_eps", 1e-5)
+    w.add_f32("bitnet.rope_theta", s.rope_theta)
+    w.add_string("bitnet.hidden_act", "relu2")
+    w.add_u32("bitnet.tied_embeddings", int(s.tied_embeddings))
+    w.add_string("tokenizer.json", tokenizer_json())
+    w.add_string("tokenizer.chat_template", "")
+    w.add_i32("tokenizer.bos_id", 0)
+    w.add_i32("tokenizer.eos_id", 1)
+    w.add_i32_array("tokenizer.stop_ids", [1])
+    w.add_u32("tokenizer.add_bos", 1)
+    w.add_string("synthetic.shape", s.name)
+    w.add_u32("synthetic.format", SYNTHETIC_FORMAT)
+    w.add_u32("synthetic.seed", seed)
+    for t in tensor_plan(s):
+        w.add_tensor(t.name, t.encoding, t.dims, _producer(t, rng))
+    w.write(path, progress=progress)
+    return Path(path)
+
+
+def _cached_ok(path: Path, shape: Shape, seed: int) -> bool:
+    try:
+        header = ff.read_header(path)
+    except ValueError:
+        return False
+    meta = header.metadata
+    return (meta.get("synthetic.shape") == shape.name and meta.get("synthetic.format") == SYNTHETIC_FORMAT
+            and meta.get("synthetic.seed") == seed)
+
+
+def cached_path(shape: Shape | str, cache_dir: str | os.PathLike | None = None, seed: int = 0) -> Path | None:
+    """The cached file of `shape` when it is there and current, else None."""
+    s = get_shape(shape) if isinstance(shape, str) else shape
+    path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / f"{s.name}.bnr"
+    return path if path.is_file() and _cached_ok(path, s, seed) else None
+
+
+def ensure_synthetic(shape: Shape | str, cache_dir: str | os.PathLike | None = None, seed: int = 0,
+                     progress: Callable[[int, int, str], None] | None = None) -> Path:
+    """The cached file of `shape` (<cache_dir>/<shape>.bnr), written once if absent or stale.
+    The file appears atomically (written under a temporary name, then renamed)."""
+    s = get_shape(shape) if isinstance(shape, str) else shape
+    cached = cached_path(s, cache_dir, seed)
+    if cached is not None:
+        return cached
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = directory / f"{s.name}.bnr"
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{s.name}.bnr.tmp-{os.getpid()}"
+    try:
+        write_synthetic(s, tmp, seed=seed, progress=progress)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path

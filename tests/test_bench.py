@@ -1,0 +1,277 @@
+"""`bitnet-run bench` and the synthetic models: a smoke run on the tiny shape in every output format
+(format, fields, positive finite numbers, the cross product), the shape tables, and bad arguments.
+Nothing here asserts a speed."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from bitnet_run import bench
+from bitnet_run import fileformat as ff
+from bitnet_run import synthetic as syn
+from bitnet_run._bitnet import lib
+from bitnet_run.cli import app
+from bitnet_run.model import Model
+
+runner = CliRunner()
+SMOKE = ["-p", "8", "-n", "4", "-r", "2", "-t", "1,2", "--membw-mib", "64"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("synthetic-cache")
+
+
+@pytest.fixture(scope="module")
+def tiny_path(cache_dir):
+    return syn.ensure_synthetic("tiny", cache_dir)
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+def test_2b_4t_plan_matches_the_released_model():
+    """REFERENCE.md section 1 and 3: the exact 2B-4T dimensions and parameter counts (no file written)."""
+    s = syn.SHAPES["2b-4t"]
+    assert (s.vocab_size, s.hidden_size, s.intermediate_size, s.n_layers, s.n_heads, s.n_kv_heads, s.head_dim) == (
+        128256, 2560, 6912, 30, 20, 5, 128)
+    assert s.tied_embeddings
+    summary = syn.plan_summary("2b-4t")
+    assert summary["linear_params"] == 30 * (2 * 2560 * 2560 + 2 * 640 * 2560 + 3 * 2560 * 6912)
+    assert summary["embedding_params"] == 128256 * 2560
+    # microsoft/bitnet-b1.58-2B-4T-bf16 has 2,412,820,480 parameters (no lm_head stored)
+    assert summary["params"] == 2_412_820_480
+    assert summary["linear_bytes"] == summary["linear_params"] // 4  # 2.0 bits per weight: ~521 MB
+    names = [t.name for t in syn.tensor_plan("2b-4t")]
+    assert "lm_head.weight" not in names and len(names) == 2 + 30 * 11
+
+
+@pytest.mark.parametrize("name, dims", [
+    ("large-700m", (32002, 1536, 4096, 24, 16, 16, True)),
+    ("3b", (32002, 3200, 8640, 26, 32, 32, True)),
+    ("8b", (128256, 4096, 14336, 32, 32, 8, False)),
+])
+def test_other_shapes(name, dims):
+    s = syn.SHAPES[name]
+    assert (s.vocab_size, s.hidden_size, s.intermediate_size, s.n_layers, s.n_heads, s.n_kv_heads,
+            s.tied_embeddings) == dims
+    plan = {t.name: t for t in syn.tensor_plan(name)}
+    assert ("lm_head.weight" in plan) == (not s.tied_embeddings)
+    kv = s.n_kv_heads * s.head_dim
+    assert plan["model.layers.0.self_attn.k_proj.weight"].dims == (kv, s.hidden_size)
+    assert plan[f"model.layers.{s.n_layers - 1}.mlp.down_proj.weight"].dims == (s.hidden_size, s.intermediate_size)
+
+
+def test_unknown_shape():
+    with pytest.raises(ValueError, match="unknown synthetic shape 'nope'"):
+        syn.get_shape("nope")
+
+
+def test_tiny_file_loads_and_matches_the_plan(tiny_path):
+    header = ff.read_header(tiny_path)
+    plan = syn.tensor_plan("tiny")
+    assert [(t.name, t.encoding, t.dims) for t in header.tensors] == [(t.name, t.encoding, t.dims) for t in plan]
+    linear = ff.read_tensor(header, "model.layers.1.mlp.down_proj.weight")
+    w = ff.unpack_i2(linear, syn.SHAPES["tiny"].intermediate_size)  # raises on an invalid code
+    assert set(np.unique(w).tolist()) == {-1, 0, 1}
+    assert header.tensor("model.layers.1.mlp.down_proj.weight").scale > 0
+    emb = ff.read_tensor(header, "model.embed_tokens.weight").astype(np.uint32) << 16
+    emb = emb.view(np.float32)
+    assert np.all(np.isfinite(emb)) and 0.01 < emb.std() < 0.04
+
+    model = Model(tiny_path, n_threads=1, n_ctx=16)
+    assert model.n_params == syn.plan_summary("tiny")["params"]
+    assert model.tensor_shape("model.layers.0.self_attn.k_proj.weight") == (128, 256)
+    logits = model._eval(np.arange(8), 0, all_logits=False)
+    assert logits.shape == (1024,) and np.all(np.isfinite(logits))
+    model.generate("w1 w2", max_tokens=3, temperature=0)  # the stored tokenizer works
+
+
+def test_written_once_and_reused(cache_dir, tiny_path):
+    mtime = tiny_path.stat().st_mtime_ns
+    assert syn.ensure_synthetic("tiny", cache_dir) == tiny_path
+    assert tiny_path.stat().st_mtime_ns == mtime
+    assert [p.name for p in cache_dir.iterdir()] == ["tiny.bnr"]  # no temporary file left behind
+
+
+def test_untied_bytes_per_token(tmp_path):
+    """An untied model reads its lm_head whole but only one embedding row per generated token."""
+    shape = syn.Shape("untied", 512, 128, 344, 1, 4, 2, False, 64, 10000.0, "test")
+    path = syn.write_synthetic(shape, tmp_path / "untied.bnr")
+    facts = bench.model_facts(path, "untied")
+    total = sum(t.nbytes for t in syn.tensor_plan(shape))
+    assert facts.bytes_per_token == total - 512 * 128 * 2 + 128 * 2
+    assert facts.linear_bpw == 2.0
+    assert facts.n_params == syn.plan_summary(shape)["params"]
+    Model(path, n_threads=1, n_ctx=8)  # loads
+
+
+# --------------------------------------------------------------------------- bandwidth probe
+
+
+def test_membw_probe():
+    for threads in (1, 2):
+        gbps = lib.bn_membw_read_gbps(32 << 20, threads, 2)
+        assert math.isfinite(gbps) and gbps > 0
+    assert lib.bn_membw_read_gbps(8, 4, 1) < 0  # too small for the threads
+    assert lib.bn_membw_read_gbps(1 << 20, 5000, 1) < 0
+    assert lib.bn_membw_read_gbps(1 << 62, 1, 1) == -1.0  # allocation failure is a value, not a crash
+
+
+# --------------------------------------------------------------------------- argument lists
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("512", [512]), ("128,512", [128, 512]), ("1-4", [1, 2, 3, 4]), ("0-256+64", [0, 64, 128, 192, 256]),
+    ("64-512*2", [64, 128, 256, 512]), ("1,1-2", [1, 2]), (" 8 , 16 ", [8, 16]),
+])
+def test_parse_int_list(text, expected):
+    assert bench.parse_int_list(text, "-p") == expected
+
+
+@pytest.mark.parametrize("text", ["", "a", "1,,2", "4-1", "1-4*1", "0-4*2", "-3", "1.5"])
+def test_parse_int_list_errors(text):
+    with pytest.raises(bench.BenchError):
+        bench.parse_int_list(text, "-p")
+
+
+# --------------------------------------------------------------------------- the smoke run
+
+
+def _invoke(cache_dir, *args):
+    return runner.invoke(app, ["bench", "--synthetic", "tiny", "--cache-dir", str(cache_dir), *args])
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _check_rows(rows: list[dict]):
+    assert [(r["n_threads"], r["test"]) for r in rows] == [(1, "pp8"), (1, "tg4"), (2, "pp8"), (2, "tg4")]
+    for r in rows:
+        assert set(bench.FIELDS) <= set(r)
+        assert r["runtime"] == "bitnet-run" and r["model"] == "synthetic tiny"
+        assert r["kernels"] == bench.kernels_name()  # the variant the runtime reports, or None
+        assert r["model_n_params"] == syn.plan_summary("tiny")["params"]
+        assert r["linear_bpw"] == 2.0 and r["repetitions"] == 2 and len(r["samples_ts"]) == 2
+        for key in ("avg_ts", "membw_gbps", "decode_ceiling_ts", "peak_rss_mib", "model_size", "bytes_per_token"):
+            assert _positive(r[key]), (key, r[key])
+        assert all(_positive(s) for s in r["samples_ts"]) and r["stddev_ts"] >= 0
+        assert r["avg_ts"] == pytest.approx(sum(r["samples_ts"]) / 2)
+        assert r["decode_ceiling_ts"] == pytest.approx(r["membw_gbps"] * 1e9 / r["bytes_per_token"])
+        if r["test"].startswith("tg"):
+            assert (r["n_prompt"], r["n_gen"]) == (0, 4)
+            assert r["pct_of_ceiling"] == pytest.approx(100 * r["avg_ts"] / r["decode_ceiling_ts"])
+        else:
+            assert (r["n_prompt"], r["n_gen"]) == (8, 0) and r["pct_of_ceiling"] is None
+
+
+def test_bench_json(cache_dir, tiny_path):
+    result = _invoke(cache_dir, *SMOKE, "-o", "json")
+    assert result.exit_code == 0, result.output
+    _check_rows(json.loads(result.stdout))
+
+
+def test_bench_csv(cache_dir, tiny_path):
+    result = _invoke(cache_dir, *SMOKE, "-o", "csv")
+    assert result.exit_code == 0, result.output
+    reader = csv.DictReader(io.StringIO(result.stdout))
+    assert tuple(reader.fieldnames) == bench.FIELDS
+    rows = []
+    for raw in reader:
+        r = dict(raw)
+        for key in ("model_size", "model_n_params", "bytes_per_token", "n_threads", "n_prompt", "n_gen", "repetitions"):
+            r[key] = int(r[key])
+        for key in ("linear_bpw", "avg_ts", "stddev_ts", "membw_gbps", "decode_ceiling_ts", "peak_rss_mib"):
+            r[key] = float(r[key])
+        r["pct_of_ceiling"] = float(r["pct_of_ceiling"]) if r["pct_of_ceiling"] else None
+        r["samples_ts"] = [float(s) for s in r["samples_ts"].split(";")]
+        rows.append(r)
+    _check_rows(rows)
+
+
+def test_bench_markdown(cache_dir, tiny_path):
+    result = _invoke(cache_dir, *SMOKE)  # md is the default
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    assert tuple(cells[0]) == bench.MD_COLUMNS
+    assert all(re.fullmatch(r":?-+:?", c) for c in cells[1])
+    body = [dict(zip(bench.MD_COLUMNS, row)) for row in cells[2:]]
+    assert [(r["threads"], r["test"]) for r in body] == [("1", "pp8"), ("1", "tg4"), ("2", "pp8"), ("2", "tg4")]
+    for r in body:
+        mean, std = re.fullmatch(r"(\S+) ± (\S+)", r["t/s"]).groups()
+        assert _positive(float(mean)) and float(std) >= 0
+        assert _positive(float(r["read GB/s"]))
+        assert r["bpw"] == "2.00" and r["model"] == "synthetic tiny"
+        if r["test"] == "tg4":
+            assert _positive(float(r["ceiling t/s"])) and _positive(float(r["% of ceiling"].rstrip("%")))
+        else:
+            assert r["ceiling t/s"] == "" and r["% of ceiling"] == ""
+    assert "ceiling = read bandwidth" in result.stdout
+
+
+def test_bench_cross_product_of_models_and_lists(cache_dir, tiny_path):
+    """Two models (a -m file and a synthetic shape) x two prompt lengths x one thread count, -n 0 = no tg."""
+    result = _invoke(cache_dir, "-m", str(tiny_path), "-p", "4,8", "-n", "0", "-r", "1", "-t", "1",
+                     "--membw-mib", "16", "--no-warmup", "-o", "json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [(r["model"], r["test"]) for r in rows] == [
+        ("tiny", "pp4"), ("tiny", "pp8"), ("synthetic tiny", "pp4"), ("synthetic tiny", "pp8")]
+    assert all(r["stddev_ts"] == 0 for r in rows)
+
+
+# --------------------------------------------------------------------------- bad arguments
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-o", "xml"], "unknown output format 'xml'"),
+    (["-p", "abc"], "-p: 'abc' is not an integer"),
+    (["-t", "0"], "-t: 0 is below the minimum 1"),
+    (["-r", "0"], "repetitions must be >= 1"),
+    (["-p", "0", "-n", "0"], "nothing to run"),
+    (["--synthetic", "nope"], "unknown synthetic shape 'nope'"),
+    (["-m", "/nonexistent/model.bnr"], "no such model file"),
+    (["--peers", "vllm"], "unknown peer 'vllm'"),
+    (["-p", "100000", "-n", "0"], "pp100000 needs 100000 positions but the model's context length is 512"),
+])
+def test_bad_arguments_are_one_line(cache_dir, args, message):
+    if "--synthetic" not in args and "-m" not in args:
+        args = ["--synthetic", "tiny", "--cache-dir", str(cache_dir), *args]
+    result = runner.invoke(app, ["bench", "-r", "1", "--membw-mib", "16", *args] if "-r" not in args
+                           else ["bench", "--membw-mib", "16", *args])
+    assert result.exit_code == 1, result.output
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_peers_llamacpp_is_not_faked(cache_dir):
+    result = _invoke(cache_dir, "--peers", "llamacpp", "-r", "1")
+    assert result.exit_code == 1 and result.stdout == ""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        assert "llama-cpp-python is not installed: pip install 'bitnet-run[peers]'" in result.stderr
+    else:
+        assert "not implemented yet" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bench_kernels_hook(cache_dir, tiny_path):
+    """--kernels times each kernel variant on the model's ternary shapes (when the runtime has them)."""
+    pytest.importorskip("bitnet_run.kernel_bench")
+    result = _invoke(cache_dir, "--kernels", "-p", "4", "-r", "2", "-t", "1", "--membw-mib", "4", "-o", "json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    shapes = {(r["rows"], r["cols"]) for r in rows}
+    assert shapes == {(256, 256), (128, 256), (688, 256), (256, 688)}
+    assert {r["n_tok"] for r in rows} == {1, 4} and "ref" in {r["variant"] for r in rows}
+    assert all(_positive(r["seconds"]) and _positive(r["gmacs"]) for r in rows)
