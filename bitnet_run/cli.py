@@ -94,7 +94,7 @@ def _progress() -> Progress:
     )
 
 
-def _convert(src: str, output: Path, weights: str = "i2") -> Path:
+def _convert(src: str, output: Path, weights: str = "i2", head: Optional[str] = None) -> Path:
     from .convert import ConversionError, convert_checkpoint
 
     with _progress() as progress:
@@ -104,7 +104,7 @@ def _convert(src: str, output: Path, weights: str = "i2") -> Path:
             progress.update(task, completed=done, total=total, item=name)
 
         try:
-            return convert_checkpoint(src, output, progress=report, weights=weights)
+            return convert_checkpoint(src, output, progress=report, weights=weights, head=head)
         except (ConversionError, OSError) as exc:
             _fail(str(exc))
 
@@ -115,11 +115,15 @@ def convert(
     src: str = typer.Argument(..., help="Hugging Face checkpoint folder, or a hub repo id."),
     output: Path = typer.Option(..., "-o", "--output", help="The .bnr file to write."),
     weights: str = typer.Option("i2", "--weights", help="Ternary weight encoding: i2, tl1 or tl2."),
+    head: Optional[str] = typer.Option(None, "--head", help="Output head encoding: bf16, f16, f32 or q8 "
+                                       "(8-bit rows, about half the bytes of bf16). Default: the checkpoint's dtype."),
 ):
     """Convert a Hugging Face BitNet checkpoint into a packed .bnr model file."""
     if weights not in ("i2", "tl1", "tl2"):
         _fail(f"--weights must be i2, tl1 or tl2, not {weights!r}")
-    path = _convert(src, output, weights)
+    if head is not None and head not in ("bf16", "f16", "f32", "q8"):
+        _fail(f"--head must be bf16, f16, f32 or q8, not {head!r}")
+    path = _convert(src, output, weights, head)
     err_console.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)", highlight=False)
 
 

@@ -47,9 +47,10 @@ ENCODING_BF16 = 2
 ENCODING_I2 = 3
 ENCODING_TL1 = 4
 ENCODING_TL2 = 5
+ENCODING_Q8R = 6
 ENCODING_NAMES = {
     ENCODING_F32: "F32", ENCODING_F16: "F16", ENCODING_BF16: "BF16", ENCODING_I2: "I2", ENCODING_TL1: "TL1",
-    ENCODING_TL2: "TL2",
+    ENCODING_TL2: "TL2", ENCODING_Q8R: "Q8_R",
 }
 # The ternary (BitLinear) weight encodings.
 TERNARY_ENCODINGS = (ENCODING_I2, ENCODING_TL1, ENCODING_TL2)
@@ -90,6 +91,11 @@ def encoded_nbytes(encoding: int, dims: Sequence[int]) -> int:
         if encoding == ENCODING_TL1:
             return tiles * _tl1_tile_bytes(cols)
         return tiles * _tl2_tile_bytes(cols)
+    if encoding == ENCODING_Q8R:
+        if len(dims) != 2:
+            raise ValueError(f"Q8_R tensors are 2-D, got dims {list(dims)}")
+        rows, cols = dims
+        return 4 * rows + rows * cols
     raise ValueError(f"unknown encoding id {encoding}")
 
 
@@ -253,6 +259,54 @@ def unpack_tl2(packed: np.ndarray, rows: int, cols: int) -> np.ndarray:
         if cols % 3 == 2:
             out[:, 3 * n3 + 1] = w1
     return out
+
+
+# --------------------------------------------------------------------------- Q8_R (8-bit head)
+
+
+def quantize_q8r(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row absmax symmetric int8 of a float [rows, cols] matrix, in float32:
+    scale = max|W_r| / 127, q = clamp(round_half_even(W / scale), -127, 127) (q = 0, scale = 0 for an
+    all-zero row). Returns (q int8 [rows, cols], scale float32 [rows]). Non-finite weights are an error."""
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"Q8_R tensors are 2-D, got shape {list(w.shape)}")
+    if not np.all(np.isfinite(w)):
+        raise ValueError("Q8_R: the matrix holds non-finite values")
+    scale = (np.max(np.abs(w), axis=1) / np.float32(127)).astype(np.float32)
+    safe = np.where(scale > 0, scale, np.float32(1))[:, None]
+    q = np.clip(np.rint(w / safe), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def pack_q8r(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """(q int8 [rows, cols], scale float32 [rows]) -> the Q8_R bytes: rows f32 scales, then the int8 rows."""
+    q = np.asarray(q)
+    if q.ndim != 2 or q.dtype != np.int8:
+        raise ValueError(f"Q8_R rows must be a 2-D int8 array, got {q.dtype} {list(q.shape)}")
+    scale = np.ascontiguousarray(scale, dtype="<f4")
+    if scale.shape != (q.shape[0],):
+        raise ValueError(f"Q8_R needs one scale per row: {scale.shape} for {q.shape[0]} rows")
+    return np.concatenate([scale.view(np.uint8), np.ascontiguousarray(q).view(np.uint8).reshape(-1)])
+
+
+def unpack_q8r(packed: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """The Q8_R bytes of a [rows, cols] matrix -> (q int8 [rows, cols], scale float32 [rows])."""
+    packed = np.asarray(packed, dtype=np.uint8).reshape(-1)
+    if packed.size != encoded_nbytes(ENCODING_Q8R, (rows, cols)):
+        raise ValueError(f"Q8_R [{rows}, {cols}] needs {encoded_nbytes(ENCODING_Q8R, (rows, cols))} bytes, got {packed.size}")
+    scale = packed[: 4 * rows].view("<f4").astype(np.float32)
+    q = packed[4 * rows:].view(np.int8).reshape(rows, cols)
+    return q, scale
+
+
+def dequantize_q8r(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The float32 matrix a Q8_R tensor stands for: q * scale per row (what the embedding lookup reads)."""
+    return q.astype(np.float32) * np.asarray(scale, dtype=np.float32)[:, None]
+
+
+# Encoding per converter `head` name (the embedding / output head).
+HEAD_ENCODINGS = {"bf16": ENCODING_BF16, "f16": ENCODING_F16, "f32": ENCODING_F32, "q8": ENCODING_Q8R}
 
 
 # Packer per ternary encoding, and the encoding per converter `weights` name.
@@ -510,7 +564,7 @@ def _read_tensor_record(cur: _Cursor, index: int) -> TensorInfo:
     nbytes = cur.unpack(_U64, f"{what} nbytes")
     if encoding not in ENCODING_NAMES:
         raise cur.fail(f"{what}: unknown encoding id {encoding} (this reader knows {sorted(ENCODING_NAMES)})")
-    if encoding in TERNARY_ENCODINGS and n_dims != 2:
+    if (encoding in TERNARY_ENCODINGS or encoding == ENCODING_Q8R) and n_dims != 2:
         raise cur.fail(f"{what}: {ENCODING_NAMES[encoding]} tensors are 2-D, dims are {list(dims)}")
     if any(d == 0 for d in dims):
         raise cur.fail(f"{what}: dims {list(dims)} contain a zero")
@@ -594,11 +648,12 @@ def _parse(path: Path, buf: memoryview, size: int) -> FileHeader:
 
 def read_tensor(header: FileHeader, name: str) -> np.ndarray:
     """A tensor's stored bytes as an array: float encodings shaped `dims` (BF16 as uint16 bits),
-    I2 as uint8 [rows, ceil(in/4)] (decode with unpack_i2), TL1/TL2 as uint8 [nbytes] (unpack_tl1/2)."""
+    I2 as uint8 [rows, ceil(in/4)] (decode with unpack_i2), TL1/TL2/Q8_R as uint8 [nbytes]
+    (unpack_tl1/2, unpack_q8r)."""
     info = header.tensor(name)
     if info.encoding == ENCODING_I2:
         dtype, shape = np.dtype(np.uint8), (info.dims[0], (info.dims[1] + 3) // 4)
-    elif info.encoding in TERNARY_ENCODINGS:
+    elif info.encoding in TERNARY_ENCODINGS or info.encoding == ENCODING_Q8R:
         dtype, shape = np.dtype(np.uint8), (info.nbytes,)
     else:
         dtype, shape = FLOAT_ENCODING_DTYPES[info.encoding], info.dims

@@ -88,16 +88,23 @@ def get_shape(name: str) -> Shape:
         raise ValueError(f"unknown synthetic shape {name!r} (known: {', '.join(SHAPES)})") from None
 
 
-def tensor_plan(shape: Shape | str) -> list[PlannedTensor]:
-    """Every tensor of the file in write order (docs/format.md), without writing anything."""
+HEADS = ("bf16", "q8")  # output head encodings a synthetic file can have
+
+
+def tensor_plan(shape: Shape | str, head: str = "bf16") -> list[PlannedTensor]:
+    """Every tensor of the file in write order (docs/format.md), without writing anything. `head`:
+    "bf16" or "q8" (Q8_R), the encoding of the output head (the tied embedding, else lm_head)."""
+    if head not in HEADS:
+        raise ValueError(f"unknown synthetic head {head!r} (known: {', '.join(HEADS)})")
     s = get_shape(shape) if isinstance(shape, str) else shape
     H, I, D = s.hidden_size, s.intermediate_size, s.head_dim
     q, kv = s.n_heads * D, s.n_kv_heads * D
-    emb = ff.ENCODING_BF16
+    head_enc = ff.ENCODING_Q8R if head == "q8" else ff.ENCODING_BF16
+    emb = head_enc if s.tied_embeddings else ff.ENCODING_BF16
     plan = [PlannedTensor("model.embed_tokens.weight", EMBEDDING, emb, (s.vocab_size, H)),
             PlannedTensor("model.norm.weight", NORM, ff.ENCODING_F32, (H,))]
     if not s.tied_embeddings:
-        plan.append(PlannedTensor("lm_head.weight", EMBEDDING, emb, (s.vocab_size, H)))
+        plan.append(PlannedTensor("lm_head.weight", EMBEDDING, head_enc, (s.vocab_size, H)))
     for i in range(s.n_layers):
         L = f"model.layers.{i}"
         for suffix, n in (("input_layernorm", H), ("post_attention_layernorm", H),
@@ -154,9 +161,23 @@ def _random_bf16(rng: np.random.Generator, dims: tuple[int, int]) -> ff.TensorDa
     return ff.TensorData(out)
 
 
+def _random_q8r(rng: np.random.Generator, dims: tuple[int, int]) -> ff.TensorData:
+    """Normal(0, EMBEDDING_STD) quantized per row to Q8_R, generated in row chunks."""
+    rows, cols = dims
+    q = np.empty((rows, cols), dtype=np.int8)
+    scale = np.empty(rows, dtype=np.float32)
+    for start in range(0, rows, EMBEDDING_CHUNK_ROWS):
+        stop = min(rows, start + EMBEDDING_CHUNK_ROWS)
+        w = rng.standard_normal((stop - start, cols), dtype=np.float32) * np.float32(EMBEDDING_STD)
+        q[start:stop], scale[start:stop] = ff.quantize_q8r(w)
+    return ff.TensorData(ff.pack_q8r(q, scale))
+
+
 def _producer(t: PlannedTensor, rng: np.random.Generator) -> Callable[[], ff.TensorData]:
     if t.kind == LINEAR:
         return lambda: _random_ternary(rng, t.dims)
+    if t.kind == EMBEDDING and t.encoding == ff.ENCODING_Q8R:
+        return lambda: _random_q8r(rng, t.dims)
     if t.kind == EMBEDDING:
         return lambda: _random_bf16(rng, t.dims)
     return lambda: ff.TensorData(np.ones(t.dims, dtype=np.float32))
@@ -189,8 +210,9 @@ def default_cache_dir() -> Path:
 
 
 def write_synthetic(shape: Shape | str, path: str | os.PathLike, seed: int = 0,
-                    progress: Callable[[int, int, str], None] | None = None) -> Path:
-    """Write a random ternary model of `shape` to `path` (streamed tensor by tensor)."""
+                    progress: Callable[[int, int, str], None] | None = None, head: str = "bf16") -> Path:
+    """Write a random ternary model of `shape` to `path` (streamed tensor by tensor), its output
+    head in `head` encoding ("bf16" or "q8")."""
     s = get_shape(shape) if isinstance(shape, str) else shape
     rng = np.random.default_rng(seed)
     w = ff.Writer()
@@ -219,7 +241,9 @@ def write_synthetic(shape: Shape | str, path: str | os.PathLike, seed: int = 0,
     w.add_string("synthetic.shape", s.name)
     w.add_u32("synthetic.format", SYNTHETIC_FORMAT)
     w.add_u32("synthetic.seed", seed)
-    for t in tensor_plan(s):
+    if head != "bf16":
+        w.add_string("synthetic.head", head)
+    for t in tensor_plan(s, head):
         w.add_tensor(t.name, t.encoding, t.dims, _producer(t, rng))
     w.write(path, progress=progress)
     return Path(path)

@@ -238,11 +238,41 @@ def _check_checkpoint_tensors(checkpoint: Checkpoint, hp: Hyperparameters) -> No
         raise ConversionError(f"checkpoint: unexpected tensor {unexpected[0]!r}{more} (not part of a {HF_ARCHITECTURE})")
 
 
+def _float32_to_bf16_bits(w: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits, round half to even (finite input)."""
+    bits = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+
+
+def _float_producer(checkpoint: Checkpoint, name: str, encoding: int) -> Callable[[], ff.TensorData]:
+    """An embedding / output head in `encoding`: the stored bytes when it is the checkpoint's own dtype,
+    else converted from float32 (Q8_R: per-row absmax int8, docs/format.md)."""
+    entry = checkpoint.tensors[name]
+    if FLOAT_ENCODINGS[entry.dtype] == encoding:
+        return lambda: ff.TensorData(checkpoint.load(name))
+
+    def convert() -> ff.TensorData:
+        w = checkpoint.load_float32(name)
+        if not np.all(np.isfinite(w)):
+            raise ConversionError(f"{entry.file.name}: tensor {name!r} holds non-finite values")
+        if encoding == ff.ENCODING_Q8R:
+            return ff.TensorData(ff.pack_q8r(*ff.quantize_q8r(w)))
+        if encoding == ff.ENCODING_BF16:
+            return ff.TensorData(_float32_to_bf16_bits(w))
+        if encoding == ff.ENCODING_F16:
+            if np.any(np.abs(w) > np.float32(65504)):
+                raise ConversionError(f"{entry.file.name}: tensor {name!r} does not fit in float16")
+            return ff.TensorData(w.astype("<f2"))
+        return ff.TensorData(w.astype("<f4"))
+
+    return convert
+
+
 def _producer(
     checkpoint: Checkpoint, name: str, kind: str, hp: Hyperparameters, encoding: int = ff.ENCODING_I2
 ) -> Callable[[], ff.TensorData]:
     if kind == EMBEDDING:
-        return lambda: ff.TensorData(checkpoint.load(name))
+        return _float_producer(checkpoint, name, encoding)
     if kind == NORM:
         return lambda: ff.TensorData(checkpoint.load_float32(name))
     pack = ff.TERNARY_PACKERS[encoding]
@@ -267,15 +297,23 @@ def _producer(
     return repack
 
 
-def add_tensors(writer: ff.Writer, checkpoint: Checkpoint, hp: Hyperparameters, weights: str = "i2") -> None:
+def add_tensors(writer: ff.Writer, checkpoint: Checkpoint, hp: Hyperparameters, weights: str = "i2",
+                head: str | None = None) -> None:
     """Check every tensor up front, then plan each one with a producer that reads it when written.
-    `weights` names the encoding of the ternary linears: "i2", "tl1" or "tl2"."""
+    `weights` names the encoding of the ternary linears: "i2", "tl1" or "tl2". `head` the encoding of
+    the output head ("bf16", "f16", "f32" or "q8"; None keeps the checkpoint's dtype): the tied
+    embedding, or lm_head when untied (an untied embedding keeps its dtype: only one row is read)."""
     if weights not in ff.WEIGHT_ENCODINGS:
         raise ValueError(f"weights must be one of {sorted(ff.WEIGHT_ENCODINGS)}, got {weights!r}")
+    if head is not None and head not in ff.HEAD_ENCODINGS:
+        raise ValueError(f"head must be one of {sorted(ff.HEAD_ENCODINGS)} or None, got {head!r}")
     ternary = ff.WEIGHT_ENCODINGS[weights]
+    head_name = "model.embed_tokens.weight" if hp.tied_embeddings else "lm_head.weight"
     _check_checkpoint_tensors(checkpoint, hp)
     for name, kind, shape in expected_tensors(hp):
-        if kind == EMBEDDING:
+        if kind == EMBEDDING and name == head_name and head is not None:
+            encoding = ff.HEAD_ENCODINGS[head]
+        elif kind == EMBEDDING:
             encoding = FLOAT_ENCODINGS[checkpoint.tensors[name].dtype]
         elif kind == NORM:
             encoding = ff.ENCODING_F32

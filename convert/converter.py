@@ -17,6 +17,7 @@ MODEL_SUFFIX = ".bnr"
 
 
 WEIGHT_ENCODINGS = tuple(ff.WEIGHT_ENCODINGS)  # ("i2", "tl1", "tl2")
+HEAD_ENCODINGS = tuple(ff.HEAD_ENCODINGS)  # ("bf16", "f16", "f32", "q8")
 
 
 def convert_checkpoint(
@@ -24,11 +25,15 @@ def convert_checkpoint(
     out: str | Path,
     progress: Callable[[int, int, str], None] | None = None,
     weights: str = "i2",
+    head: str | None = None,
 ) -> Path:
     """Convert `src` (a checkpoint directory or a hub repo id) into the model file `out`.
 
     `weights` is the encoding of the ternary linears (docs/format.md): "i2" (2 bits/weight, the
     default), "tl1" (lookup-table pairs, 2 bits/weight) or "tl2" (lookup-table triples, 1.67 bits/weight).
+    `head` is the encoding of the output head (the tied embedding, else lm_head): "bf16", "f16",
+    "f32" or "q8" (Q8_R: per-row absmax int8 with an f32 scale per row, about half the bytes of
+    bf16); None (the default) keeps the checkpoint's dtype.
     The file does not depend on the machine that converts it.
 
     When `out` is an existing directory the file is named after the checkpoint inside it.
@@ -38,6 +43,8 @@ def convert_checkpoint(
     """
     if weights not in ff.WEIGHT_ENCODINGS:
         raise ValueError(f"weights must be one of {WEIGHT_ENCODINGS}, got {weights!r}")
+    if head is not None and head not in ff.HEAD_ENCODINGS:
+        raise ValueError(f"head must be one of {HEAD_ENCODINGS} or None, got {head!r}")
     directory, source = resolve_source(src)
     name = source.rstrip("/").split("/")[-1]
     checkpoint = Checkpoint(directory)
@@ -50,7 +57,7 @@ def convert_checkpoint(
     writer.add_string("general.converter", f"bitnet-run {__version__}")
     bitnet.add_model_metadata(writer, hp)
     add_tokenizer_metadata(writer, checkpoint, hp.vocab_size)
-    bitnet.add_tensors(writer, checkpoint, hp, weights)
+    bitnet.add_tensors(writer, checkpoint, hp, weights, head)
 
     out = Path(out)
     if out.is_dir():

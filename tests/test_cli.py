@@ -95,3 +95,16 @@ def test_chat_session(tiny_model):
     result = runner.invoke(app, ["chat", "-m", str(tiny_model.path), "-n", "4", "--temp", "0"], input=script)
     assert result.exit_code == 0, result.output
     assert "conversation cleared" in result.stderr
+
+
+def test_convert_command_head_q8(tiny_model, tmp_path):
+    from bitnet_run import Model
+    from bitnet_run import fileformat as ff
+
+    out = tmp_path / "q8.bnr"
+    result = runner.invoke(app, ["convert", str(tiny_model.checkpoint), "-o", str(out), "--head", "q8"])
+    assert result.exit_code == 0, result.output
+    assert ff.read_header(out).tensor("model.embed_tokens.weight").encoding == ff.ENCODING_Q8R
+    assert Model(out, n_threads=1) is not None
+    result = runner.invoke(app, ["convert", str(tiny_model.checkpoint), "-o", str(tmp_path / "x.bnr"), "--head", "q4"])
+    assert result.exit_code != 0 and not (tmp_path / "x.bnr").exists()

@@ -129,8 +129,16 @@ bn_status bn_kernels_ternary_matmul(uint32_t variant, uint32_t encoding, uint32_
 /* The same in float for a dense [rows][cols] matrix w of encoding 0 (F32), 1 (F16) or 2 (BF16). */
 bn_status bn_kernels_dense_matmul(uint32_t variant, uint32_t n_threads, float *y, const float *x, uint32_t n_tok,
                                   const void *w, uint32_t encoding, uint32_t rows, uint32_t cols);
+/* The 8-bit output head: y[t][r] = ((float)dot / xs[t]) * scale[r], dot = sum_j x[t][j] * q[r][j]
+ * exactly in int32, for t < n_tok, r < rows: x int8 [n_tok][cols] in [-127, 127] (-128 gives
+ * BN_ERR_ARG), xs float [n_tok] the activations' scales, w the whole [rows][cols] Q8_R tensor
+ * (encoding 6, docs/format.md: rows f32 scales, then rows x cols int8), y float [n_tok][rows].
+ * BN_ERR_ARG for a bad variant. */
+bn_status bn_kernels_q8_matmul(uint32_t variant, uint32_t n_threads, float *y, const int8_t *x, const float *xs,
+                               uint32_t n_tok, const uint8_t *w, uint32_t rows, uint32_t cols);
 /* Times `repeats` calls (after one warm-up) of a variant's kernel on random data of that shape:
- * encoding 3/4/5 (I2/TL1/TL2) for the ternary kernels, 0/1/2 for the dense one; n_threads threads split the rows.
+ * encoding 3/4/5 (I2/TL1/TL2) for the ternary kernels, 0/1/2 for the dense one, 6 (Q8_R) for the q8 head
+ * one; n_threads threads split the rows.
  * Cycles through enough weight copies to read at least min_weight_bytes (0: one copy, cache-warm).
  * seconds[repeats] receives each call's wall time. */
 bn_status bn_kernels_time(uint32_t variant, uint32_t encoding, uint32_t n_threads, uint32_t n_tok, uint32_t rows,

@@ -102,9 +102,11 @@ static void attention_worker(void *arg, uint32_t ith, uint32_t nth) {
 typedef struct {
     const bn_kernels *kern;
     const bn_dense_weight *head;
-    const float *x; /* [n_tok][H] */
+    const float *x;   /* [n_tok][H] */
+    const int8_t *xq; /* [n_tok][H] x quantized, for a Q8_R head */
+    const float *xs;  /* [n_tok] its scales */
     uint32_t n_tok;
-    float *logits;  /* [n_tok][vocab] */
+    float *logits;    /* [n_tok][vocab] */
 } head_task;
 
 static void head_worker(void *arg, uint32_t ith, uint32_t nth) {
@@ -112,8 +114,13 @@ static void head_worker(void *arg, uint32_t ith, uint32_t nth) {
     const bn_dense_weight *w = task->head;
     uint64_t r0, r1;
     bn_split(w->rows, ith, nth, &r0, &r1);
-    task->kern->dense_matmul(task->logits, w->rows, task->x, w->cols, task->n_tok, w->data, w->encoding, w->cols,
-                             (uint32_t)r0, (uint32_t)r1);
+    if (w->encoding == BN_ENC_Q8R)
+        task->kern->q8_matmul(task->logits, w->rows, task->xq, w->cols, task->xs, task->n_tok,
+                              bn_q8r_rows(w->data, w->rows), bn_q8r_scales(w->data), w->cols, (uint32_t)r0,
+                              (uint32_t)r1);
+    else
+        task->kern->dense_matmul(task->logits, w->rows, task->x, w->cols, task->n_tok, w->data, w->encoding,
+                                 w->cols, (uint32_t)r0, (uint32_t)r1);
 }
 
 /* h = x + o_proj(attn_sub_norm(attention(input_layernorm(x)))), keys/values of the batch cached. */
@@ -164,15 +171,23 @@ static void forward_chunk(bn_context *ctx, const int32_t *tokens, uint32_t n, ui
                           uint32_t first_logit) {
     const bn_model *m = ctx->model;
     const uint32_t H = m->hp.hidden_size;
-    for (uint32_t t = 0; t < n; t++)
-        bn_dense_row_to_f32(ctx->x + t * H, m->w.embed.data, m->w.embed.encoding, (uint64_t)tokens[t], H);
+    for (uint32_t t = 0; t < n; t++) {
+        if (m->w.embed.encoding == BN_ENC_Q8R)
+            bn_q8r_row_to_f32(ctx->x + t * H, m->w.embed.data, m->w.embed.rows, (uint64_t)tokens[t], H);
+        else
+            bn_dense_row_to_f32(ctx->x + t * H, m->w.embed.data, m->w.embed.encoding, (uint64_t)tokens[t], H);
+    }
     for (uint32_t il = 0; il < m->hp.n_layers; il++) {
         attention_block(ctx, il, n, pos);
         ffn_block(ctx, il, n);
     }
     if (logits == NULL) return;
     for (uint32_t t = first_logit; t < n; t++) bn_rmsnorm(ctx->xb + t * H, ctx->x + t * H, m->w.norm, H, m->hp.rms_norm_eps);
-    head_task task = {ctx->kern, &m->w.head, ctx->xb + (size_t)first_logit * H, n - first_logit, logits};
+    const float *xh = ctx->xb + (size_t)first_logit * H;
+    if (m->w.head.encoding == BN_ENC_Q8R) /* per-token absmax int8, like the BitLinear inputs */
+        for (uint32_t t = 0; t < n - first_logit; t++)
+            ctx->xs[t] = bn_quantize_row_i8_sym(ctx->xq + (size_t)t * H, xh + (size_t)t * H, H);
+    head_task task = {ctx->kern, &m->w.head, xh, ctx->xq, ctx->xs, n - first_logit, logits};
     bn_pool_run(ctx->pool, head_worker, &task);
 }
 

@@ -127,12 +127,26 @@ static void dense_matmul_ref(float *y, size_t ldy, const float *x, size_t ldx, u
     }
 }
 
+static void q8_matmul_ref(float *y, size_t ldy, const int8_t *x, size_t ldx, const float *xs, uint32_t n_tok,
+                          const int8_t *w, const float *ws, uint32_t cols, uint32_t r0, uint32_t r1) {
+    for (uint32_t r = r0; r < r1; r++) {
+        const int8_t *wr = w + (size_t)r * cols;
+        for (uint32_t t = 0; t < n_tok; t++) {
+            const int8_t *xt = x + t * ldx;
+            int32_t acc = 0;
+            for (uint32_t j = 0; j < cols; j++) acc += xt[j] * wr[j];
+            y[t * ldy + r] = ((float)acc / xs[t]) * ws[r];
+        }
+    }
+}
+
 const bn_kernels bn_kernels_ref = {
     .name = "ref",
     .i2_matmul = i2_matmul_ref,
     .tl1_matmul = tl1_matmul_ref,
     .tl2_matmul = tl2_matmul_ref,
     .dense_matmul = dense_matmul_ref,
+    .q8_matmul = q8_matmul_ref,
 };
 
 /* ---- selection: the one place where CPU features pick a variant ---- */

@@ -41,6 +41,22 @@ static inline uint64_t bn_ternary_nbytes(uint32_t encoding, uint32_t rows, uint3
     }
 }
 
+/* ---- the Q8_R layout (docs/format.md) ----
+ * A [rows][cols] matrix as rows f32 row scales (4 * rows bytes, at the tensor's aligned start), then
+ * rows x cols int8 (row-major, no padding); element (r, j) stands for q[r][j] * scale[r]. */
+static inline uint64_t bn_q8r_nbytes(uint32_t rows, uint32_t cols) { return 4 * (uint64_t)rows + (uint64_t)rows * cols; }
+static inline const float *bn_q8r_scales(const void *data) { return (const float *)data; }
+static inline const int8_t *bn_q8r_rows(const void *data, uint32_t rows) {
+    return (const int8_t *)data + 4 * (size_t)rows;
+}
+
+/* A Q8_R matmul (the 8-bit output head): y[t*ldy + r] = ((float)dot / xs[t]) * ws[r] for t < n_tok,
+ * r0 <= r < r1, where dot = sum_j x[t*ldx + j] * w[r*cols + j] exactly in int32. x: int8 activations
+ * in [-127, 127] (the symmetric quantizer's range; -128 is outside the contract), xs their per-token
+ * scales s (x ~ q / s); w: the int8 rows, ws: the row scales. */
+typedef void (*bn_q8_matmul_fn)(float *y, size_t ldy, const int8_t *x, size_t ldx, const float *xs, uint32_t n_tok,
+                                const int8_t *w, const float *ws, uint32_t cols, uint32_t r0, uint32_t r1);
+
 /* A ternary matmul: y[t*ldy + r] = sum_j x[t*ldx + j] * w[r][j] exactly in int32, for t < n_tok,
  * r0 <= r < r1. x: int8 activations [n_tok][cols]; w: the whole matrix in the kernel's encoding. */
 typedef void (*bn_ternary_matmul_fn)(int32_t *y, size_t ldy, const int8_t *x, size_t ldx, uint32_t n_tok,
@@ -59,6 +75,8 @@ typedef struct {
      * matrix (the output head). */
     void (*dense_matmul)(float *y, size_t ldy, const float *x, size_t ldx, uint32_t n_tok, const void *w,
                          uint32_t encoding, uint32_t cols, uint32_t r0, uint32_t r1);
+    /* The Q8_R output head (above): exact int32 dots, then one divide and one multiply in float. */
+    bn_q8_matmul_fn q8_matmul;
 } bn_kernels;
 
 /* The ternary kernel of a variant for encoding I2, TL1 or TL2; NULL for any other encoding. */

@@ -28,19 +28,23 @@ const char *bn_kernels_cpu_features(void) { return bn_cpu_features_string(); }
 
 typedef struct {
     const bn_kernels *k;
-    uint32_t encoding; /* I2, TL1, TL2: the ternary kernel, else the dense one */
+    uint32_t encoding; /* I2, TL1, TL2: the ternary kernel; Q8_R: the q8 one; else the dense one */
     void *y;
     const void *x;
     uint32_t n_tok;
     const void *w;
     uint32_t rows, cols;
+    const float *xs; /* Q8_R: the activations' per-token scales */
 } run_task;
 
 static void run_worker(void *arg, uint32_t ith, uint32_t nth) {
     const run_task *t = arg;
     uint64_t r0, r1;
     bn_split(t->rows, ith, nth, &r0, &r1);
-    if (BN_ENC_IS_TERNARY(t->encoding))
+    if (t->encoding == BN_ENC_Q8R)
+        t->k->q8_matmul(t->y, t->rows, t->x, t->cols, t->xs, t->n_tok, bn_q8r_rows(t->w, t->rows), bn_q8r_scales(t->w),
+                        t->cols, (uint32_t)r0, (uint32_t)r1);
+    else if (BN_ENC_IS_TERNARY(t->encoding))
         bn_kernels_ternary(t->k, t->encoding)(t->y, t->rows, t->x, t->cols, t->n_tok, t->w, t->cols, (uint32_t)r0,
                                               (uint32_t)r1);
     else
@@ -67,21 +71,31 @@ static bn_status run(uint32_t variant, uint32_t n_threads, run_task *task) {
 
 bn_status bn_kernels_i2_matmul(uint32_t variant, uint32_t n_threads, int32_t *y, const int8_t *x, uint32_t n_tok,
                                const uint8_t *w, uint32_t rows, uint32_t cols) {
-    run_task task = {NULL, BN_ENC_I2, y, x, n_tok, w, rows, cols};
+    run_task task = {NULL, BN_ENC_I2, y, x, n_tok, w, rows, cols, NULL};
     return run(variant, n_threads, &task);
 }
 
 bn_status bn_kernels_ternary_matmul(uint32_t variant, uint32_t encoding, uint32_t n_threads, int32_t *y,
                                     const int8_t *x, uint32_t n_tok, const uint8_t *w, uint32_t rows, uint32_t cols) {
     if (!BN_ENC_IS_TERNARY(encoding)) return BN_ERR_ARG;
-    run_task task = {NULL, encoding, y, x, n_tok, w, rows, cols};
+    run_task task = {NULL, encoding, y, x, n_tok, w, rows, cols, NULL};
     return run(variant, n_threads, &task);
 }
 
 bn_status bn_kernels_dense_matmul(uint32_t variant, uint32_t n_threads, float *y, const float *x, uint32_t n_tok,
                                   const void *w, uint32_t encoding, uint32_t rows, uint32_t cols) {
-    if (BN_ENC_IS_TERNARY(encoding)) return BN_ERR_ARG;
-    run_task task = {NULL, encoding, y, x, n_tok, w, rows, cols};
+    if (BN_ENC_IS_TERNARY(encoding) || encoding == BN_ENC_Q8R) return BN_ERR_ARG;
+    run_task task = {NULL, encoding, y, x, n_tok, w, rows, cols, NULL};
+    return run(variant, n_threads, &task);
+}
+
+bn_status bn_kernels_q8_matmul(uint32_t variant, uint32_t n_threads, float *y, const int8_t *x, const float *xs,
+                               uint32_t n_tok, const uint8_t *w, uint32_t rows, uint32_t cols) {
+    if (!xs && n_tok) return BN_ERR_ARG;
+    if (x)
+        for (size_t i = 0; i < (size_t)n_tok * cols; i++)
+            if (x[i] == -128) return BN_ERR_ARG; /* outside the kernels' contract */
+    run_task task = {NULL, BN_ENC_Q8R, y, x, n_tok, w, rows, cols, xs};
     return run(variant, n_threads, &task);
 }
 
@@ -102,21 +116,31 @@ bn_status bn_kernels_time(uint32_t variant, uint32_t encoding, uint32_t n_thread
                           uint32_t cols, uint32_t repeats, uint64_t min_weight_bytes, double *seconds) {
     const bn_kernels *k = bn_kernels_available(variant);
     if (!k || encoding >= BN_ENC_COUNT || !seconds || rows == 0 || cols == 0 || n_tok == 0) return BN_ERR_ARG;
-    const int ternary = BN_ENC_IS_TERNARY(encoding);
+    const int q8 = encoding == BN_ENC_Q8R, ternary = BN_ENC_IS_TERNARY(encoding);
     const size_t w_bytes = ternary ? (size_t)bn_ternary_nbytes(encoding, rows, cols)
+                           : q8    ? (size_t)bn_q8r_nbytes(rows, cols)
                                    : (size_t)rows * cols * (encoding == BN_ENC_F32 ? 4 : 2);
     size_t copies = min_weight_bytes > w_bytes ? (size_t)((min_weight_bytes + w_bytes - 1) / w_bytes) : 1;
-    const size_t x_size = ternary ? 1 : sizeof(float), y_size = 4;
+    const size_t x_size = ternary || q8 ? 1 : sizeof(float), y_size = 4;
     unsigned char *w = malloc(w_bytes * copies);
     unsigned char *x = malloc((size_t)n_tok * cols * x_size);
     unsigned char *y = malloc((size_t)n_tok * rows * y_size);
+    float *xs = malloc((size_t)n_tok * sizeof(float));
     bn_pool *pool = NULL;
-    bn_status st = (!w || !x || !y) ? BN_ERR_NOMEM : bn_pool_new(&pool, n_threads ? n_threads : 1);
+    bn_status st = (!w || !x || !y || !xs) ? BN_ERR_NOMEM : bn_pool_new(&pool, n_threads ? n_threads : 1);
     if (st != BN_OK) goto done;
     uint64_t s = 0x9e3779b97f4a7c15u;
     if (ternary) { /* any bytes: every kernel reads invalid codes as 0, and all bytes cost the same */
         for (size_t i = 0; i < w_bytes * copies; i++) w[i] = (unsigned char)next_rand(&s);
         for (size_t i = 0; i < (size_t)n_tok * cols; i++) x[i] = (unsigned char)next_rand(&s);
+    } else if (q8) { /* random int8 rows with unit row scales, activations in [-127, 127] */
+        for (size_t c = 0; c < copies; c++) {
+            unsigned char *wc = w + c * w_bytes;
+            for (uint32_t r = 0; r < rows; r++) memcpy(wc + 4 * (size_t)r, &(float){1.0f}, 4);
+            for (size_t i = 4 * (size_t)rows; i < w_bytes; i++) wc[i] = (unsigned char)next_rand(&s);
+        }
+        for (size_t i = 0; i < (size_t)n_tok * cols; i++) x[i] = (unsigned char)(next_rand(&s) % 255 + 129);
+        for (uint32_t t = 0; t < n_tok; t++) xs[t] = 1.0f;
     } else {
         for (size_t i = 0; i < w_bytes * copies; i += 2) { /* small finite values in every 16-bit encoding */
             uint16_t h = (uint16_t)(0x3000 + (next_rand(&s) & 0x0fff));
@@ -125,7 +149,7 @@ bn_status bn_kernels_time(uint32_t variant, uint32_t encoding, uint32_t n_thread
         float *xf = (float *)x;
         for (size_t i = 0; i < (size_t)n_tok * cols; i++) xf[i] = (float)(next_rand(&s) % 2001) / 1000.0f - 1.0f;
     }
-    run_task task = {k, encoding, y, x, n_tok, NULL, rows, cols};
+    run_task task = {k, encoding, y, x, n_tok, NULL, rows, cols, xs};
     for (uint32_t i = 0; i <= repeats; i++) { /* one untimed warm-up call */
         task.w = w + (i % copies) * w_bytes;
         double t0 = now_s();
@@ -138,5 +162,6 @@ done:
     free(w);
     free(x);
     free(y);
+    free(xs);
     return st;
 }

@@ -161,7 +161,8 @@ static bn_status bind_ternary(const bn_model *m, const char *path, const char *n
 static bn_status bind_dense(const bn_model *m, const char *path, const char *name, uint32_t rows, uint32_t cols,
                             bn_dense_weight *out, char *err, size_t err_len) {
     const bn_tensor_rec *t;
-    bn_status st = require_tensor(m, path, name, ENC_DENSE, "F32, F16 or BF16", rows, cols, &t, err, err_len);
+    bn_status st = require_tensor(m, path, name, ENC_DENSE | ENC_BIT(BN_ENC_Q8R), "F32, F16, BF16 or Q8_R", rows, cols,
+                                  &t, err, err_len);
     if (st == BN_OK) *out = (bn_dense_weight){t->data, t->encoding, rows, cols};
     return st;
 }

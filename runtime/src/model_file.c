@@ -91,7 +91,7 @@ const char *bn_meta_type_name(uint32_t type) {
 }
 
 const char *bn_encoding_name(uint32_t encoding) {
-    static const char *names[BN_ENC_COUNT] = {"F32", "F16", "BF16", "I2", "TL1", "TL2"};
+    static const char *names[BN_ENC_COUNT] = {"F32", "F16", "BF16", "I2", "TL1", "TL2", "Q8_R"};
     return encoding < BN_ENC_COUNT ? names[encoding] : "unknown";
 }
 
@@ -164,6 +164,9 @@ static uint64_t implied_nbytes(const bn_tensor_rec *t) {
     case BN_ENC_TL2: /* < 2 * numel + 32 * 40: no overflow for the dims a tensor can have */
         if (t->dims[0] > UINT32_MAX || t->dims[1] > UINT32_MAX) return 0;
         return bn_ternary_nbytes(t->encoding, (uint32_t)t->dims[0], (uint32_t)t->dims[1]);
+    case BN_ENC_Q8R: /* 4 * rows + numel <= 5 * numel */
+        if (t->n_dims != 2 || t->numel > UINT64_MAX / 5) return 0;
+        return 4 * t->dims[0] + t->numel;
     default: return 0;
     }
 }
@@ -186,7 +189,7 @@ static bn_status check_tensor(bn_file *f, bn_tensor_rec *t, const char *path, ch
         }
         t->numel *= t->dims[d];
     }
-    if (BN_ENC_IS_TERNARY(t->encoding) && t->n_dims != 2) {
+    if ((BN_ENC_IS_TERNARY(t->encoding) || t->encoding == BN_ENC_Q8R) && t->n_dims != 2) {
         bn_set_error(err, err_len, "%s: tensor '%.*s': encoding %s needs 2 dimensions, shape is %s", path, nl,
                      t->name, bn_encoding_name(t->encoding), shape);
         return BN_ERR_FORMAT;

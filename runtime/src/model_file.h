@@ -34,6 +34,7 @@ typedef enum {
     BN_ENC_I2 = 3,  /* 2-D ternary, rows of ceil(cols/4) bytes, 4 codes (w+1) per byte, lowest bits first */
     BN_ENC_TL1 = 4, /* 2-D ternary, weight pairs as 4-bit indices in tiles of 32 rows (kernels.h) */
     BN_ENC_TL2 = 5, /* 2-D ternary, weight triples as 4-bit index + sign bit in tiles of 32 rows (kernels.h) */
+    BN_ENC_Q8R = 6, /* 2-D int8 per row: rows f32 row scales, then rows x cols int8 (kernels.h) */
     BN_ENC_COUNT
 } bn_encoding;
 

@@ -8,6 +8,8 @@ float bn_fp16_to_f32(uint16_t h);
 float bn_bf16_to_f32(uint16_t h);
 /* out[n] = row `row` of a [rows][n] F32/F16/BF16 matrix, as float. */
 void bn_dense_row_to_f32(float *out, const void *data, uint32_t encoding, uint64_t row, uint32_t n);
+/* out[n] = row `row` of a [rows][n] Q8_R matrix (docs/format.md), dequantized: q[row][i] * scale[row]. */
+void bn_q8r_row_to_f32(float *out, const void *data, uint64_t rows, uint64_t row, uint32_t n);
 
 /* out[n] = x * (1 / sqrt(mean(x^2) + eps)) * w; out may alias x. */
 void bn_rmsnorm(float *out, const float *x, const float *w, uint32_t n, float eps);
@@ -15,6 +17,9 @@ void bn_rmsnorm(float *out, const float *x, const float *w, uint32_t n, float ep
 /* BitLinear activation quantization of one row: q[n] = clamp(round_half_even(x * s), -128, 127) with
  * s = 127 / max(max|x|, 1e-5); returns s. */
 float bn_quantize_row_i8(int8_t *q, const float *x, uint32_t n);
+/* The same, clamped to [-127, 127] (the Q8_R head's activations; identical for finite x, where
+ * |x * s| <= 127 already, and keeps a NaN row inside the kernel contract). */
+float bn_quantize_row_i8_sym(int8_t *q, const float *x, uint32_t n);
 
 /* Rotates each of the n_heads vectors v[h*D .. h*D+D) in place by one position's angles (HF
  * rotate_half: element i pairs with i + D/2); cos_t, sin_t are [D/2]. */

@@ -34,6 +34,13 @@ void bn_dense_row_to_f32(float *out, const void *data, uint32_t encoding, uint64
     for (uint32_t i = 0; i < n; i++) out[i] = encoding == BN_ENC_F16 ? bn_fp16_to_f32(src[i]) : bn_bf16_to_f32(src[i]);
 }
 
+void bn_q8r_row_to_f32(float *out, const void *data, uint64_t rows, uint64_t row, uint32_t n) {
+    float scale;
+    memcpy(&scale, (const uint8_t *)data + 4 * row, sizeof scale);
+    const int8_t *q = (const int8_t *)data + 4 * rows + row * n;
+    for (uint32_t i = 0; i < n; i++) out[i] = (float)q[i] * scale;
+}
+
 void bn_rmsnorm(float *out, const float *x, const float *w, uint32_t n, float eps) {
     /* Squares rounded to float like torch's pow(2); the sum in double only removes summation error. */
     double ss = 0.0;
@@ -50,6 +57,14 @@ float bn_quantize_row_i8(int8_t *q, const float *x, uint32_t n) {
         float v = rintf(x[i] * s); /* half to even in the default rounding mode, like torch.round */
         q[i] = (int8_t)fminf(fmaxf(v, -128.0f), 127.0f);
     }
+    return s;
+}
+
+float bn_quantize_row_i8_sym(int8_t *q, const float *x, uint32_t n) {
+    float amax = 0.0f;
+    for (uint32_t i = 0; i < n; i++) amax = fmaxf(amax, fabsf(x[i]));
+    float s = 127.0f / fmaxf(amax, 1e-5f);
+    for (uint32_t i = 0; i < n; i++) q[i] = (int8_t)fminf(fmaxf(rintf(x[i] * s), -127.0f), 127.0f);
     return s;
 }
 
