@@ -25,7 +25,7 @@ import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +43,7 @@ FIELDS = (
     "runtime", "runtime_version", "kernels", "cpu", "model", "model_path", "model_type",
     "model_size", "model_n_params", "linear_bpw", "bytes_per_token", "n_threads", "test",
     "n_prompt", "n_gen", "repetitions", "avg_ts", "stddev_ts", "samples_ts", "membw_gbps",
-    "decode_ceiling_ts", "pct_of_ceiling", "peak_rss_mib", "test_time",
+    "decode_ceiling_ts", "pct_of_ceiling", "peak_rss_mib", "test_time", "ratio_vs",
 )
 
 
@@ -207,6 +207,15 @@ def model_facts(path: Path, label: str) -> ModelFacts:
 # --------------------------------------------------------------------------- timing
 
 
+def _llamacpp_version() -> str | None:
+    try:
+        import llama_cpp
+
+        return f"llama-cpp-python {llama_cpp.__version__}"
+    except Exception:
+        return None
+
+
 def _time_pp(model, tokens: np.ndarray) -> float:
     start = time.perf_counter()
     model._eval(tokens, 0, all_logits=False)
@@ -230,6 +239,8 @@ class BenchSpec:
     membw_bytes: int = DEFAULT_MEMBW_MIB << 20
     warmup: bool = True
     seed: int = 0
+    # model label -> peers run on the same shape: (runtime name, GGUF path, peers.gguf_facts dict)
+    peers: dict = field(default_factory=dict)
 
 
 def validate(spec: BenchSpec, models: bool = True) -> None:
@@ -277,6 +288,14 @@ def run(spec: BenchSpec, log: Callable[[str], None] | None = None) -> list[dict]
         facts = all_facts[label, path]
         for t in spec.threads:
             model = Model(path, n_threads=t, n_ctx=n_ctx)
+            peer_runners = []
+            if spec.peers.get(label):
+                from .peers import LlamaCppRunner
+
+                n_batch = max([n for kind, n in tests if kind == "pp"] + [1])
+                for name, gguf_path, pfacts in spec.peers[label]:
+                    log(f"{label}: loading {name} ({gguf_path.name}), {t} thread(s)")
+                    peer_runners.append((name, gguf_path, pfacts, LlamaCppRunner(gguf_path, t, n_ctx, n_batch)))
             ceiling = bandwidth[t] * 1e9 / facts.bytes_per_token
             for kind, n in tests:
                 name = f"{kind}{n}"
@@ -286,14 +305,23 @@ def run(spec: BenchSpec, log: Callable[[str], None] | None = None) -> list[dict]
                 if spec.warmup:
                     log(f"{label}: {name}, {t} thread(s), warm-up")
                     timer(model, tokens if kind == "pp" else tokens[:TG_WARMUP_TOKENS])
+                    for _, _, _, runner in peer_runners:
+                        (runner.time_pp if kind == "pp" else runner.time_tg)(
+                            tokens if kind == "pp" else tokens[:TG_WARMUP_TOKENS])
                 samples = []
+                peer_samples = [[] for _ in peer_runners]
                 for rep in range(spec.repetitions):
                     log(f"{label}: {name}, {t} thread(s), run {rep + 1}/{spec.repetitions}")
                     seconds = timer(model, tokens)
                     samples.append(n / seconds if seconds > 0 else float("inf"))
+                    for i, (_, _, _, runner) in enumerate(peer_runners):  # interleaved A/B: ours, peer, ours, peer...
+                        seconds = (runner.time_pp if kind == "pp" else runner.time_tg)(tokens)
+                        peer_samples[i].append(n / seconds if seconds > 0 else float("inf"))
                 avg = statistics.fmean(samples)
                 std = statistics.stdev(samples) if len(samples) > 1 else 0.0
-                rows.append({
+                peak = rss.read_mib()
+                now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+                ours = {
                     "runtime": "bitnet-run",
                     "runtime_version": __version__,
                     "kernels": kernels,
@@ -316,10 +344,35 @@ def run(spec: BenchSpec, log: Callable[[str], None] | None = None) -> list[dict]
                     "membw_gbps": bandwidth[t],
                     "decode_ceiling_ts": ceiling,
                     "pct_of_ceiling": 100.0 * avg / ceiling if kind == "tg" else None,
-                    "peak_rss_mib": rss.read_mib(),
-                    "test_time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                })
-            del model
+                    "peak_rss_mib": peak,
+                    "test_time": now,
+                    "ratio_vs": None,
+                }
+                rows.append(ours)
+                for (pname, gguf_path, pfacts, _), psamples in zip(peer_runners, peer_samples):
+                    pavg = statistics.fmean(psamples)
+                    pceiling = bandwidth[t] * 1e9 / pfacts["bytes_per_token"]
+                    rows.append({
+                        **ours,
+                        "runtime": pname,
+                        "runtime_version": _llamacpp_version(),
+                        "kernels": None,
+                        "model_path": str(gguf_path),
+                        "model_type": pfacts["model_type"],
+                        "model_size": gguf_path.stat().st_size,
+                        "model_n_params": pfacts["n_params"],
+                        "linear_bpw": pfacts["linear_bpw"],
+                        "bytes_per_token": pfacts["bytes_per_token"],
+                        "avg_ts": pavg,
+                        "stddev_ts": statistics.stdev(psamples) if len(psamples) > 1 else 0.0,
+                        "samples_ts": psamples,
+                        "decode_ceiling_ts": pceiling,
+                        "pct_of_ceiling": 100.0 * pavg / pceiling if kind == "tg" else None,
+                        "ratio_vs": avg / pavg if pavg > 0 else None,
+                    })
+            for runner in peer_runners:
+                runner[3].close()
+            del model, peer_runners
             gc.collect()  # unmap this model before the next one is measured
     return rows
 
@@ -341,26 +394,31 @@ _MD_RIGHT = {"size", "params", "bpw", "threads", "test", "t/s", "read GB/s", "ce
 
 
 def format_md(rows: Sequence[dict]) -> str:
+    with_peers = any(r["runtime"] != "bitnet-run" for r in rows)
+    columns = (("runtime",) + MD_COLUMNS + ("ours/peer",)) if with_peers else MD_COLUMNS
+    right = _MD_RIGHT | {"ours/peer"}
     cells = []
     for r in rows:
         tg = r["n_gen"] > 0
-        cells.append([
+        extra_first = [r["runtime"]] if with_peers else []
+        extra_last = [f"{r['ratio_vs']:.2f}" if r.get("ratio_vs") is not None else ""] if with_peers else []
+        cells.append(extra_first + [
             r["model"], _size(r["model_size"]), _count(r["model_n_params"]), f"{r['linear_bpw']:.2f}" if r["linear_bpw"] is not None else "-",
             str(r["n_threads"]), r["test"], f"{r['avg_ts']:.2f} ± {r['stddev_ts']:.2f}",
             f"{r['membw_gbps']:.1f}", f"{r['decode_ceiling_ts']:.1f}" if tg else "",
             f"{r['pct_of_ceiling']:.1f}%" if tg else "", f"{r['peak_rss_mib']:.0f} MiB",
-        ])
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(MD_COLUMNS)]
+        ] + extra_last)
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
 
     def line(values):
         return "| " + " | ".join(
-            v.rjust(w) if MD_COLUMNS[i] in _MD_RIGHT else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths))
+            v.rjust(w) if columns[i] in right else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths))
         ) + " |"
 
     rule = "| " + " | ".join(
-        ("-" * (w - 1) + ":") if MD_COLUMNS[i] in _MD_RIGHT else "-" * w for i, w in enumerate(widths)
+        ("-" * (w - 1) + ":") if columns[i] in right else "-" * w for i, w in enumerate(widths)
     ) + " |"
-    out = [line(MD_COLUMNS), rule] + [line(c) for c in cells]
+    out = [line(columns), rule] + [line(c) for c in cells]
     if rows:
         first = rows[0]
         out.append("")
@@ -370,12 +428,19 @@ def format_md(rows: Sequence[dict]) -> str:
         )
         per_model = {}
         for r in rows:
-            per_model.setdefault(r["model"], r["bytes_per_token"])
+            key = r["model"] if r["runtime"] == "bitnet-run" else f"{r['model']} {r['runtime']}"
+            per_model.setdefault(key, r["bytes_per_token"])
         reads = "; ".join(f"{m} {b / 2**20:.0f} MiB" for m, b in per_model.items())
         out.append(
             "ceiling = read bandwidth of that many threads / weight bytes read per generated token "
             f"({reads}); t/s is mean ± stddev over {first['repetitions']} runs."
         )
+        if with_peers:
+            versions = sorted({r["runtime_version"] or "?" for r in rows if r["runtime"] != "bitnet-run"})
+            out.append(
+                f"Peers ({', '.join(versions)}) ran interleaved with bitnet-run, run by run, on the same random "
+                "token ids; ours/peer = bitnet-run t/s / that row's t/s. peak RSS is the whole process."
+            )
     return "\n".join(out) + "\n"
 
 
@@ -415,9 +480,10 @@ def format_rows(rows: Sequence[dict], output: str) -> str:
 PEERS = ("none", "llamacpp")
 
 
-def check_peers(peers: str) -> None:
-    """Only "none" runs today; the llama.cpp runner (GGUF of the same shape through llama-cpp-python,
-    interleaved A/B) is a later step, and this says so rather than report anything."""
+def check_peers(peers: str) -> list[str]:
+    """The peers to run ("none" -> []); "llamacpp" needs llama-cpp-python and gguf importable. A
+    missing or broken install is a one-line BenchError, never a report without the peer."""
+    out = []
     for peer in [p.strip() for p in peers.split(",") if p.strip()] or ["none"]:
         if peer == "none":
             continue
@@ -430,7 +496,13 @@ def check_peers(peers: str) -> None:
         except Exception as exc:  # installed, but its shared library does not load
             detail = " ".join(str(exc).split())
             raise BenchError(f"llama-cpp-python is installed but cannot be imported: {detail}") from None
-        raise BenchError("--peers llamacpp: the llama.cpp peer runner is not implemented yet (use --peers none)")
+        try:
+            import gguf  # noqa: F401
+        except ImportError:
+            raise BenchError("gguf is not installed: pip install 'bitnet-run[peers]'") from None
+        if peer not in out:
+            out.append(peer)
+    return out
 
 
 # --------------------------------------------------------------------------- kernel micro-benchmarks

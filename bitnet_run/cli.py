@@ -277,7 +277,10 @@ def bench(
     threads: Optional[str] = typer.Option(None, "-t", "--threads", help="Thread counts, e.g. 1,2 or 1-8*2 "
                                           "(default: one per CPU)."),
     output: str = typer.Option("md", "-o", "--output", help="md, json or csv."),
-    peers: str = typer.Option("none", "--peers", help="Peer runtimes to run on the same shape: none (llamacpp: later)."),
+    peers: str = typer.Option("none", "--peers", help="Peer runtimes to run on the same synthetic shape, interleaved "
+                              "A/B: none or llamacpp (llama.cpp TQ2_0 and TQ1_0 through llama-cpp-python)."),
+    head: str = typer.Option("bf16", "--head", help="Output head of the synthetic models: bf16 (peers: F16) or q8 "
+                             "(peers: Q8_0)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where synthetic models are cached "
                                              "(default: $XDG_CACHE_HOME/bitnet-run/synthetic)."),
     membw_mib: int = typer.Option(512, "--membw-mib", help="Buffer of the read-bandwidth probe, MiB."),
@@ -298,13 +301,21 @@ def bench(
     try:
         if output not in bn.OUTPUT_FORMATS:
             raise bn.BenchError(f"-o: unknown output format {output!r} (expected md, json or csv)")
-        bn.check_peers(peers)
+        peer_list = bn.check_peers(peers)
+        if head not in syn.HEADS:
+            raise bn.BenchError(f"--head must be one of {', '.join(syn.HEADS)}, not {head!r}")
+        if peer_list and (model or not synthetic):
+            raise bn.BenchError("--peers runs only on --synthetic shapes (the same shape is written as GGUF)")
         p_list = bn.parse_int_list(n_prompt, "-p")
         n_list = bn.parse_int_list(n_gen, "-n")
         t_list = bn.parse_int_list(threads, "-t", minimum=1) if threads is not None else [os.cpu_count() or 1]
         shapes = [s.strip() for s in synthetic.split(",")] if synthetic is not None else []
         for shape in shapes:
             syn.get_shape(shape)
+            if peer_list:
+                from .peers import check_shape
+
+                check_shape(shape)
         paths = [Path(m.strip()) for item in (model or []) for m in item.split(",") if m.strip()]
         if not paths and not shapes:
             paths = [default_model()]
@@ -320,9 +331,26 @@ def bench(
         _fail(str(exc))
 
     for shape in shapes:
-        path = syn.cached_path(shape, cache_dir)
+        label = f"synthetic {shape}" if head == "bf16" else f"synthetic {shape} {head} head"
+        if peer_list:
+            from . import peers as pr
+
+            gguf_head = "f16" if head == "bf16" else "q8_0"
+            spec.peers[label] = []
+            for linear_type in pr.LINEAR_TYPES:
+                gguf_path = (Path(cache_dir) if cache_dir else syn.default_cache_dir()) / f"{shape}-{linear_type.lower()}-{gguf_head}.gguf"
+                if not (gguf_path.is_file() and pr._gguf_cached_ok(gguf_path, syn.get_shape(shape), linear_type, gguf_head, 0)):
+                    err_console.print(f"writing the llama.cpp GGUF of {shape} ({linear_type}, {gguf_head} head) (once)",
+                                      highlight=False)
+                try:
+                    gguf_path = pr.ensure_gguf(shape, linear_type, gguf_head, cache_dir)
+                except (OSError, ValueError) as exc:
+                    _fail(f"cannot write the GGUF of {shape}: {exc}")
+                spec.peers[label].append((f"llama.cpp {linear_type}", gguf_path,
+                                          pr.gguf_facts(shape, linear_type, gguf_head)))
+        path = syn.cached_path(shape, cache_dir, head=head)
         if path is not None:
-            spec.models.append((f"synthetic {shape}", path))
+            spec.models.append((label, path))
             continue
         err_console.print(f"writing the synthetic model {shape} into {cache_dir or syn.default_cache_dir()} (once)",
                           highlight=False)
@@ -333,10 +361,10 @@ def bench(
                 def report(done: int, total: int, name: str) -> None:
                     progress.update(task, completed=done, total=total, item=name)
 
-                path = syn.ensure_synthetic(shape, cache_dir, progress=report)
+                path = syn.ensure_synthetic(shape, cache_dir, progress=report, head=head)
         except OSError as exc:
             _fail(f"cannot write the synthetic model {shape}: {exc}")
-        spec.models.append((f"synthetic {shape}", path))
+        spec.models.append((label, path))
 
     def log(message: str) -> None:
         err_console.print(f"[dim]bench: {message}[/]", highlight=False)

@@ -249,37 +249,42 @@ def write_synthetic(shape: Shape | str, path: str | os.PathLike, seed: int = 0,
     return Path(path)
 
 
-def _cached_ok(path: Path, shape: Shape, seed: int) -> bool:
+def _cached_ok(path: Path, shape: Shape, seed: int, head: str = "bf16") -> bool:
     try:
         header = ff.read_header(path)
     except ValueError:
         return False
     meta = header.metadata
     return (meta.get("synthetic.shape") == shape.name and meta.get("synthetic.format") == SYNTHETIC_FORMAT
-            and meta.get("synthetic.seed") == seed)
+            and meta.get("synthetic.seed") == seed and meta.get("synthetic.head", "bf16") == head)
 
 
-def cached_path(shape: Shape | str, cache_dir: str | os.PathLike | None = None, seed: int = 0) -> Path | None:
-    """The cached file of `shape` when it is there and current, else None."""
+def _file_name(shape: Shape, head: str) -> str:
+    return f"{shape.name}.bnr" if head == "bf16" else f"{shape.name}-{head}.bnr"
+
+
+def cached_path(shape: Shape | str, cache_dir: str | os.PathLike | None = None, seed: int = 0,
+                head: str = "bf16") -> Path | None:
+    """The cached file of `shape` (with a `head` output head) when it is there and current, else None."""
     s = get_shape(shape) if isinstance(shape, str) else shape
-    path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / f"{s.name}.bnr"
-    return path if path.is_file() and _cached_ok(path, s, seed) else None
+    path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / _file_name(s, head)
+    return path if path.is_file() and _cached_ok(path, s, seed, head) else None
 
 
 def ensure_synthetic(shape: Shape | str, cache_dir: str | os.PathLike | None = None, seed: int = 0,
-                     progress: Callable[[int, int, str], None] | None = None) -> Path:
-    """The cached file of `shape` (<cache_dir>/<shape>.bnr), written once if absent or stale.
-    The file appears atomically (written under a temporary name, then renamed)."""
+                     progress: Callable[[int, int, str], None] | None = None, head: str = "bf16") -> Path:
+    """The cached file of `shape` (<cache_dir>/<shape>.bnr, or <shape>-q8.bnr with head="q8"), written
+    once if absent or stale. The file appears atomically (written under a temporary name, then renamed)."""
     s = get_shape(shape) if isinstance(shape, str) else shape
-    cached = cached_path(s, cache_dir, seed)
+    cached = cached_path(s, cache_dir, seed, head)
     if cached is not None:
         return cached
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = directory / f"{s.name}.bnr"
+    path = directory / _file_name(s, head)
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{s.name}.bnr.tmp-{os.getpid()}"
+    tmp = directory / f".{path.name}.tmp-{os.getpid()}"
     try:
-        write_synthetic(s, tmp, seed=seed, progress=progress)
+        write_synthetic(s, tmp, seed=seed, progress=progress, head=head)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -260,8 +260,8 @@ def test_peers_llamacpp_is_not_faked(cache_dir):
         import llama_cpp  # noqa: F401
     except ImportError:
         assert "llama-cpp-python is not installed: pip install 'bitnet-run[peers]'" in result.stderr
-    else:
-        assert "not implemented yet" in result.stderr
+    else:  # installed: the tiny shape's 688-wide FFN rows are not whole TQ2_0/TQ1_0 blocks
+        assert "not a multiple of the 256" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
@@ -275,3 +275,16 @@ def test_bench_kernels_hook(cache_dir, tiny_path):
     assert shapes == {(256, 256), (128, 256), (688, 256), (256, 688)}
     assert {r["n_tok"] for r in rows} == {1, 4} and "ref" in {r["variant"] for r in rows}
     assert all(_positive(r["seconds"]) and _positive(r["gmacs"]) for r in rows)
+
+
+def test_bench_q8_head(cache_dir):
+    """--head q8: the synthetic file with a Q8_R head (its own cache file), labelled as such."""
+    result = _invoke(cache_dir, "--head", "q8", "-p", "4", "-n", "2", "-r", "1", "-t", "1", "--membw-mib", "4",
+                     "-o", "json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert {r["model"] for r in rows} == {"synthetic tiny q8 head"}
+    assert all(r["model_path"].endswith("tiny-q8.bnr") and r["ratio_vs"] is None for r in rows)
+    assert all(ff.read_header(r["model_path"]).metadata.get("synthetic.head") == "q8" for r in rows)
+    bad = _invoke(cache_dir, "--head", "q4", "-r", "1")
+    assert bad.exit_code == 1 and "--head must be one of" in bad.stderr
