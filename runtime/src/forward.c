@@ -50,7 +50,7 @@ static void linear_worker(void *arg, uint32_t ith, uint32_t nth) {
             const int32_t *at = acc + (size_t)t * task->total_rows;
             float *yt = out->y + t * out->ldy;
             for (uint64_t r = r0; r < r1; r++) {
-                float v = ((float)at[r] / task->xs[t]) * w->scale;
+                float v = bn_bitlinear_output(at[r], task->xs[t], w->scale);
                 yt[r] = out->accumulate ? yt[r] + v : v;
             }
         }

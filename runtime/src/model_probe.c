@@ -41,7 +41,7 @@ bn_status bn_model_bitlinear(const bn_model *model, const char *name, const floa
     for (uint32_t i = 0; i < n_rows; i++) {
         float s = bn_quantize_row_i8(q, x + (size_t)i * cols, cols);
         bn_kernels_ternary(kern, t->encoding)(acc, rows, q, cols, 1, t->data, cols, 0, rows);
-        for (uint32_t r = 0; r < rows; r++) y[(size_t)i * rows + r] = ((float)acc[r] / s) * t->scale;
+        for (uint32_t r = 0; r < rows; r++) y[(size_t)i * rows + r] = bn_bitlinear_output(acc[r], s, t->scale);
     }
     free(q);
     free(acc);

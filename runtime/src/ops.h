@@ -17,6 +17,10 @@ void bn_rmsnorm(float *out, const float *x, const float *w, uint32_t n, float ep
 /* BitLinear activation quantization of one row: q[n] = clamp(round_half_even(x * s), -128, 127) with
  * s = 127 / max(max|x|, 1e-5); returns s. */
 float bn_quantize_row_i8(int8_t *q, const float *x, uint32_t n);
+
+/* A BitLinear output from its exact integer dot product: dot / s * scale, in that order (float32),
+ * with s the activation scale of the row and scale the tensor's weight scale. */
+static inline float bn_bitlinear_output(int32_t dot, float s, float scale) { return ((float)dot / s) * scale; }
 /* The same, clamped to [-127, 127] (the Q8_R head's activations; identical for finite x, where
  * |x * s| <= 127 already, and keeps a NaN row inside the kernel contract). */
 float bn_quantize_row_i8_sym(int8_t *q, const float *x, uint32_t n);
