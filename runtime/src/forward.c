@@ -57,11 +57,40 @@ static void linear_worker(void *arg, uint32_t ith, uint32_t nth) {
     }
 }
 
-/* Quantizes x [n][cols] (rows ld apart) into ctx->xq / ctx->xs, then runs the BitLinears `outs`. */
-static void bitlinear(bn_context *ctx, const float *x, size_t ld, uint32_t n, uint32_t cols,
-                      const linear_out *outs, uint32_t n_out) {
-    linear_task task = {ctx->kern, ctx->xq, ctx->xs, n, cols, ctx->acc, 0, n_out, {{0}}};
-    for (uint32_t t = 0; t < n; t++) ctx->xs[t] = bn_quantize_row_i8(ctx->xq + (size_t)t * cols, x + t * ld, cols);
+/* The input side of a BitLinear, per token row t < n (rows ld apart):
+ *   [src_t = relu(src_t)^2 * up_t]  (the FFN's gate, when up is not NULL)
+ *   dst_t = rmsnorm(src_t) * norm
+ *   ctx->xq_t, ctx->xs[t] = the int8 quantization of dst_t. */
+typedef struct {
+    bn_context *ctx;
+    float *src;
+    const float *up; /* NULL, or [n][cols] rows ld apart */
+    const float *norm;
+    float *dst;      /* may be src */
+    size_t ld;
+    uint32_t n;
+    uint32_t cols;
+} input_task;
+
+static void input_worker(void *arg, uint32_t ith, uint32_t nth) {
+    const input_task *task = arg;
+    bn_context *ctx = task->ctx;
+    const float eps = ctx->model->hp.rms_norm_eps;
+    uint64_t t0, t1;
+    bn_split(task->n, ith, nth, &t0, &t1);
+    for (uint64_t t = t0; t < t1; t++) {
+        float *src = task->src + t * task->ld, *dst = task->dst + t * task->ld;
+        if (task->up) bn_relu2_gate(src, task->up + t * task->ld, task->cols);
+        bn_rmsnorm(dst, src, task->norm, task->cols, eps);
+        ctx->xs[t] = ctx->kern->quantize_row(ctx->xq + t * task->cols, dst, task->cols);
+    }
+}
+
+/* Prepares the input (above), split by tokens, then runs the BitLinears `outs` on it, split by rows. */
+static void bitlinear(bn_context *ctx, const input_task *input, const linear_out *outs, uint32_t n_out) {
+    if (input->n > 1) bn_pool_run(ctx->pool, input_worker, (void *)input);
+    else input_worker((void *)input, 0, 1);
+    linear_task task = {ctx->kern, ctx->xq, ctx->xs, input->n, input->cols, ctx->acc, 0, n_out, {{0}}};
     for (uint32_t o = 0; o < n_out; o++) {
         task.out[o] = outs[o];
         task.total_rows += outs[o].w->rows;
@@ -93,7 +122,7 @@ static void attention_worker(void *arg, uint32_t ith, uint32_t nth) {
         float *att = ctx->att + h * ctx->n_ctx;
         for (uint32_t t = 0; t < task->n_tok; t++) {
             const uint64_t row = (uint64_t)t * H + h * D;
-            bn_attention_head(ctx->xb + row, ctx->q + row, kc + kv_off, vc + kv_off, KV, task->pos + t + 1, D,
+            ctx->kern->attention_head(ctx->xb + row, ctx->q + row, kc + kv_off, vc + kv_off, KV, task->pos + t + 1, D,
                               ctx->attn_scale, att);
         }
     }
@@ -132,9 +161,9 @@ static void attention_block(bn_context *ctx, uint32_t il, uint32_t n, uint32_t p
     float *k = ctx->key_cache + ((uint64_t)il * ctx->n_ctx + pos) * KV;   /* [n][KV] rows pos.. */
     float *v = ctx->value_cache + ((uint64_t)il * ctx->n_ctx + pos) * KV; /* [n][KV] */
 
-    for (uint32_t t = 0; t < n; t++) bn_rmsnorm(ctx->xb + t * H, ctx->x + t * H, L->attn_norm, H, hp->rms_norm_eps);
+    const input_task qkv_in = {ctx, ctx->x, NULL, L->attn_norm, ctx->xb, H, n, H};
     const linear_out qkv[3] = {{&L->q, ctx->q, H, 0}, {&L->k, k, KV, 0}, {&L->v, v, KV, 0}};
-    bitlinear(ctx, ctx->xb, H, n, H, qkv, 3);
+    bitlinear(ctx, &qkv_in, qkv, 3);
     for (uint32_t t = 0; t < n; t++) {
         const float *c = ctx->rope_cos + (uint64_t)(pos + t) * half, *s = ctx->rope_sin + (uint64_t)(pos + t) * half;
         bn_rope(ctx->q + t * H, hp->n_heads, D, c, s);
@@ -142,9 +171,9 @@ static void attention_block(bn_context *ctx, uint32_t il, uint32_t n, uint32_t p
     }
     attention_task task = {ctx, il, n, pos};
     bn_pool_run(ctx->pool, attention_worker, &task);
-    for (uint32_t t = 0; t < n; t++) bn_rmsnorm(ctx->xb + t * H, ctx->xb + t * H, L->attn_sub_norm, H, hp->rms_norm_eps);
+    const input_task o_in = {ctx, ctx->xb, NULL, L->attn_sub_norm, ctx->xb, H, n, H};
     const linear_out o = {&L->o, ctx->x, H, 1};
-    bitlinear(ctx, ctx->xb, H, n, H, &o, 1);
+    bitlinear(ctx, &o_in, &o, 1);
 }
 
 /* x = h + down_proj(ffn_sub_norm(relu(gate_proj(n))^2 * up_proj(n))), n = post_attention_layernorm(h). */
@@ -153,16 +182,12 @@ static void ffn_block(bn_context *ctx, uint32_t il, uint32_t n) {
     const bn_layer_weights *L = &ctx->model->w.layers[il];
     const uint32_t H = hp->hidden_size, I = hp->intermediate_size;
 
-    for (uint32_t t = 0; t < n; t++) bn_rmsnorm(ctx->xb + t * H, ctx->x + t * H, L->ffn_norm, H, hp->rms_norm_eps);
+    const input_task gate_up_in = {ctx, ctx->x, NULL, L->ffn_norm, ctx->xb, H, n, H};
     const linear_out gate_up[2] = {{&L->gate, ctx->gate, I, 0}, {&L->up, ctx->up, I, 0}};
-    bitlinear(ctx, ctx->xb, H, n, H, gate_up, 2);
-    for (uint32_t t = 0; t < n; t++) {
-        float *g = ctx->gate + (size_t)t * I;
-        bn_relu2_gate(g, ctx->up + (size_t)t * I, I);
-        bn_rmsnorm(g, g, L->ffn_sub_norm, I, hp->rms_norm_eps);
-    }
+    bitlinear(ctx, &gate_up_in, gate_up, 2);
+    const input_task down_in = {ctx, ctx->gate, ctx->up, L->ffn_sub_norm, ctx->gate, I, n, I};
     const linear_out down = {&L->down, ctx->x, H, 1};
-    bitlinear(ctx, ctx->gate, I, n, I, &down, 1);
+    bitlinear(ctx, &down_in, &down, 1);
 }
 
 /* Tokens at positions pos..pos+n-1 (n <= n_batch) through every layer; logits of rows

@@ -147,6 +147,8 @@ const bn_kernels bn_kernels_ref = {
     .tl2_matmul = tl2_matmul_ref,
     .dense_matmul = dense_matmul_ref,
     .q8_matmul = q8_matmul_ref,
+    .quantize_row = bn_quantize_row_i8,
+    .attention_head = bn_attention_head,
 };
 
 /* ---- selection: the one place where CPU features pick a variant ---- */
@@ -158,6 +160,7 @@ static int usable_always(const bn_cpu_features *f) {
 
 #if defined(__x86_64__)
 static int usable_avx2(const bn_cpu_features *f) { return f->avx2 && f->f16c; }
+static int usable_avx512vnni(const bn_cpu_features *f) { return usable_avx2(f) && f->avx512bw && f->avx512vnni; }
 #endif
 
 static const struct {
@@ -167,6 +170,7 @@ static const struct {
     {&bn_kernels_ref, usable_always},
 #if defined(__x86_64__)
     {&bn_kernels_avx2, usable_avx2},
+    {&bn_kernels_avx512vnni, usable_avx512vnni},
 #endif
 };
 

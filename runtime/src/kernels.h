@@ -77,6 +77,12 @@ typedef struct {
                          uint32_t encoding, uint32_t cols, uint32_t r0, uint32_t r1);
     /* The Q8_R output head (above): exact int32 dots, then one divide and one multiply in float. */
     bn_q8_matmul_fn q8_matmul;
+    /* The float operators that profiles of prompt processing showed to matter; bit-identical to
+     * their references in ops.h (bn_quantize_row_i8, bn_attention_head), whose float order of
+     * operations they follow. */
+    float (*quantize_row)(int8_t *q, const float *x, uint32_t n);
+    void (*attention_head)(float *out, const float *q, const float *k, const float *v, uint64_t stride,
+                           uint32_t n_pos, uint32_t D, float scale, float *att);
 } bn_kernels;
 
 /* The ternary kernel of a variant for encoding I2, TL1 or TL2; NULL for any other encoding. */
@@ -97,6 +103,9 @@ extern const bn_kernels bn_kernels_ref;
 /* AVX2 (+F16C) variant, runtime/src/arch/x86/kernels_avx2.c; compiled with target attributes, so the
  * default build stays portable. Call only when bn_cpu_get_features() reports avx2 and f16c. */
 extern const bn_kernels bn_kernels_avx2;
+/* AVX-512 VNNI variant (its own I2 GEMM, the AVX2 kernels otherwise), kernels_avx512vnni.c. Call
+ * only when bn_cpu_get_features() reports avx512bw and avx512vnni, and what the AVX2 variant needs. */
+extern const bn_kernels bn_kernels_avx512vnni;
 #endif
 
 /* The variants usable on this CPU, index 0 the reference, then from slowest to fastest. */
@@ -104,7 +113,7 @@ uint32_t bn_kernels_n_available(void);
 const bn_kernels *bn_kernels_available(uint32_t i); /* NULL if i is out of range */
 
 /* The kernels the runtime uses on this CPU (the only place where a variant is chosen): the fastest
- * available one, unless the environment variable BITNET_RUN_KERNELS names one (ref, avx2); a name
+ * available one, unless the environment variable BITNET_RUN_KERNELS names one (ref, avx2, avx512vnni); a name
  * that is unknown or not usable on this CPU gives the reference. */
 const bn_kernels *bn_kernels_select(void);
 

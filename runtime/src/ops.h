@@ -15,7 +15,8 @@ void bn_q8r_row_to_f32(float *out, const void *data, uint64_t rows, uint64_t row
 void bn_rmsnorm(float *out, const float *x, const float *w, uint32_t n, float eps);
 
 /* BitLinear activation quantization of one row: q[n] = clamp(round_half_even(x * s), -128, 127) with
- * s = 127 / max(max|x|, 1e-5); returns s. */
+ * s = 127 / max(max|x|, 1e-5) (NaNs ignored by the max); returns s. The reference of the kernels'
+ * quantize_row (kernels.h). */
 float bn_quantize_row_i8(int8_t *q, const float *x, uint32_t n);
 
 /* A BitLinear output from its exact integer dot product: dot / s * scale, in that order (float32),
@@ -29,8 +30,15 @@ float bn_quantize_row_i8_sym(int8_t *q, const float *x, uint32_t n);
  * rotate_half: element i pairs with i + D/2); cos_t, sin_t are [D/2]. */
 void bn_rope(float *v, uint32_t n_heads, uint32_t D, const float *cos_t, const float *sin_t);
 
-/* One query head attending over n_pos cached positions: out[D] = softmax(q . k_j * scale) . v_j.
- * k, v are [n_pos][stride] (the head's slice starts at k, v); att is [n_pos] scratch. */
+/* sum(a[i] * b[i]) in float, in the order of an 8-lane vector unit, so that vectorized variants
+ * agree bit for bit: element i goes to partial sum i % 8 (a multiply, then an add), and the partial
+ * sums are combined as ((s0 + s4) + (s2 + s6)) + ((s1 + s5) + (s3 + s7)). */
+float bn_dot8_f32(const float *a, const float *b, uint32_t n);
+
+/* One query head attending over n_pos cached positions: out[D] = softmax(q . k_j * scale) . v_j, the
+ * dot products by bn_dot8_f32, out accumulated over j in order (per element: a multiply, an add).
+ * k, v are [n_pos][stride] (the head's slice starts at k, v); att is [n_pos] scratch. This is the
+ * reference of the kernels' attention_head (kernels.h). */
 void bn_attention_head(float *out, const float *q, const float *k, const float *v, uint64_t stride,
                        uint32_t n_pos, uint32_t D, float scale, float *att);
 

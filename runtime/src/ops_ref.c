@@ -80,14 +80,17 @@ void bn_rope(float *v, uint32_t n_heads, uint32_t D, const float *cos_t, const f
     }
 }
 
+float bn_dot8_f32(const float *a, const float *b, uint32_t n) {
+    float s[8] = {0};
+    for (uint32_t i = 0; i < n; i++) s[i % 8] += a[i] * b[i];
+    return ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]));
+}
+
 void bn_attention_head(float *out, const float *q, const float *k, const float *v, uint64_t stride,
                        uint32_t n_pos, uint32_t D, float scale, float *att) {
     float max = -INFINITY;
     for (uint32_t j = 0; j < n_pos; j++) {
-        const float *kj = k + j * stride;
-        float dot = 0.0f;
-        for (uint32_t i = 0; i < D; i++) dot += q[i] * kj[i];
-        att[j] = dot * scale;
+        att[j] = bn_dot8_f32(q, k + j * stride, D) * scale;
         max = fmaxf(max, att[j]);
     }
     float sum = 0.0f;

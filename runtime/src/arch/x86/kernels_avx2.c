@@ -44,10 +44,12 @@
 #if defined(__x86_64__)
 
 #include <immintrin.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "arch/x86/kernels_x86.h"
 #include "kernels.h"
 #include "model_file.h"
 #include "ops.h"
@@ -83,8 +85,7 @@ static int scratch_ok;
 static void scratch_destroy(void *p) { free(p); }
 static void scratch_init(void) { scratch_ok = pthread_key_create(&scratch_key, scratch_destroy) == 0; }
 
-/* A 64-byte aligned buffer of at least n bytes for this thread, or NULL. */
-static void *scratch_get(size_t n) {
+void *bn_x86_scratch(size_t n) {
     pthread_once(&scratch_once, scratch_init);
     if (!scratch_ok) return NULL;
     scratch_hdr *s = pthread_getspecific(scratch_key);
@@ -119,23 +120,24 @@ BN_AVX2 BN_INLINE int64_t hsum_epi64(__m256i v) {
 
 /* ---- I2 ---- */
 
-/* Deinterleaves one token row x[cols] into ceil(cols/128) blocks of 4 planes (see the top);
- * returns sum(x). */
-BN_AVX2 static int32_t i2_prep_row(int8_t *dst, const int8_t *x, uint32_t cols) {
+/* kernels_x86.h; this variant uses interleave 1. The planes of 128-element chunk c are made as for
+ * interleave 1, then stored as part c % interleave of block c / interleave. */
+BN_AVX2 int32_t bn_i2_planes_avx2(int8_t *dst, const int8_t *x, uint32_t cols, uint32_t interleave) {
     const __m256i shuf = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, 0, 4, 8, 12, 1, 5,
                                           9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     const __m256i bias = _mm256_set1_epi8((char)0x80);
     const __m256i zero = _mm256_setzero_si256();
     __m256i sum = zero; /* sum(x + 128) over all (padded) bytes, in 4 u64 lanes */
-    const uint32_t nblk = (cols + I2_BLOCK - 1) / I2_BLOCK;
+    const uint32_t nblk = (cols + I2_BLOCK * interleave - 1) / (I2_BLOCK * interleave) * interleave;
     int8_t tmp[I2_BLOCK];
     for (uint32_t b = 0; b < nblk; b++) {
-        const int8_t *src = x + (size_t)b * I2_BLOCK;
-        if ((size_t)(b + 1) * I2_BLOCK > cols) { /* the last, partial block: zero-pad */
+        const size_t start = (size_t)b * I2_BLOCK;
+        const int8_t *src = tmp;
+        if (start + I2_BLOCK <= cols) src = x + start;
+        else { /* a partial or wholly padded chunk: zero-pad */
             memset(tmp, 0, sizeof tmp);
-            memcpy(tmp, src, cols - (size_t)b * I2_BLOCK);
-            src = tmp;
+            if (start < cols) memcpy(tmp, x + start, cols - start);
         }
         __m256i v[4];
         for (int m = 0; m < 4; m++) {
@@ -146,11 +148,12 @@ BN_AVX2 static int32_t i2_prep_row(int8_t *dst, const int8_t *x, uint32_t cols) 
         }
         __m256i lo01 = _mm256_unpacklo_epi64(v[0], v[1]), hi01 = _mm256_unpackhi_epi64(v[0], v[1]);
         __m256i lo23 = _mm256_unpacklo_epi64(v[2], v[3]), hi23 = _mm256_unpackhi_epi64(v[2], v[3]);
-        int8_t *d = dst + (size_t)b * I2_BLOCK;
-        _mm256_store_si256((__m256i *)(d + 0), _mm256_permute2x128_si256(lo01, lo23, 0x20));
-        _mm256_store_si256((__m256i *)(d + 32), _mm256_permute2x128_si256(hi01, hi23, 0x20));
-        _mm256_store_si256((__m256i *)(d + 64), _mm256_permute2x128_si256(lo01, lo23, 0x31));
-        _mm256_store_si256((__m256i *)(d + 96), _mm256_permute2x128_si256(hi01, hi23, 0x31));
+        const size_t plane = 32 * (size_t)interleave; /* bytes between planes */
+        int8_t *d = dst + (size_t)(b / interleave) * I2_BLOCK * interleave + 32 * (b % interleave);
+        _mm256_store_si256((__m256i *)(d + 0 * plane), _mm256_permute2x128_si256(lo01, lo23, 0x20));
+        _mm256_store_si256((__m256i *)(d + 1 * plane), _mm256_permute2x128_si256(hi01, hi23, 0x20));
+        _mm256_store_si256((__m256i *)(d + 2 * plane), _mm256_permute2x128_si256(lo01, lo23, 0x31));
+        _mm256_store_si256((__m256i *)(d + 3 * plane), _mm256_permute2x128_si256(hi01, hi23, 0x31));
     }
     return (int32_t)(hsum_epi64(sum) - (int64_t)128 * I2_BLOCK * nblk);
 }
@@ -223,7 +226,7 @@ BN_AVX2 static void i2_matmul_avx2(int32_t *y, size_t ldy, const int8_t *x, size
     const uint32_t row_bytes = (cols + 3) / 4;
     const size_t tstride = (size_t)(cols + I2_BLOCK - 1) / I2_BLOCK * I2_BLOCK; /* bytes of planes per token */
     const uint32_t chunk = n_tok < I2_TOKEN_CHUNK ? n_tok : I2_TOKEN_CHUNK;
-    int8_t *planes = scratch_get(chunk * tstride + chunk * sizeof(int32_t));
+    int8_t *planes = bn_x86_scratch(chunk * tstride + chunk * sizeof(int32_t));
     if (!planes) { /* out of memory: the reference gives the same result */
         bn_kernels_ref.i2_matmul(y, ldy, x, ldx, n_tok, w, cols, r0, r1);
         return;
@@ -234,7 +237,7 @@ BN_AVX2 static void i2_matmul_avx2(int32_t *y, size_t ldy, const int8_t *x, size
 
     for (uint32_t t0 = 0; t0 < n_tok; t0 += chunk) {
         const uint32_t nt = n_tok - t0 < chunk ? n_tok - t0 : chunk;
-        for (uint32_t t = 0; t < nt; t++) sums[t] = i2_prep_row(planes + t * tstride, x + (t0 + t) * ldx, cols);
+        for (uint32_t t = 0; t < nt; t++) sums[t] = bn_i2_planes_avx2(planes + t * tstride, x + (t0 + t) * ldx, cols, 1);
         for (uint32_t rb = r0; rb < r1; rb += I2_ROW_BLOCK) {
             const uint32_t re = r1 - rb < I2_ROW_BLOCK ? r1 : rb + I2_ROW_BLOCK;
             for (uint32_t tb = 0; tb < nt; tb += I2_TOKENS) {
@@ -461,7 +464,7 @@ BN_AVX2 static void tl_matmul(int enc, int32_t *y, size_t ldy, const int8_t *x, 
     uint32_t chunk = (uint32_t)(TL_TAB_BUDGET / tstride);
     chunk = chunk < TL_TOKENS ? TL_TOKENS : chunk;
     chunk = n_tok < chunk ? n_tok : chunk;
-    int8_t *tabs = scratch_get(chunk * tstride);
+    int8_t *tabs = bn_x86_scratch(chunk * tstride);
     if (!tabs) { /* out of memory: the reference gives the same result */
         bn_kernels_ternary(&bn_kernels_ref, (uint32_t)enc)(y, ldy, x, ldx, n_tok, w, cols, r0, r1);
         return;
@@ -491,12 +494,12 @@ BN_AVX2 static void tl_matmul(int enc, int32_t *y, size_t ldy, const int8_t *x, 
     }
 }
 
-BN_AVX2 static void tl1_matmul_avx2(int32_t *y, size_t ldy, const int8_t *x, size_t ldx, uint32_t n_tok,
+BN_AVX2 void bn_tl1_matmul_avx2(int32_t *y, size_t ldy, const int8_t *x, size_t ldx, uint32_t n_tok,
                                     const uint8_t *w, uint32_t cols, uint32_t r0, uint32_t r1) {
     tl_matmul(BN_ENC_TL1, y, ldy, x, ldx, n_tok, w, cols, r0, r1);
 }
 
-BN_AVX2 static void tl2_matmul_avx2(int32_t *y, size_t ldy, const int8_t *x, size_t ldx, uint32_t n_tok,
+BN_AVX2 void bn_tl2_matmul_avx2(int32_t *y, size_t ldy, const int8_t *x, size_t ldx, uint32_t n_tok,
                                     const uint8_t *w, uint32_t cols, uint32_t r0, uint32_t r1) {
     tl_matmul(BN_ENC_TL2, y, ldy, x, ldx, n_tok, w, cols, r0, r1);
 }
@@ -639,7 +642,7 @@ BN_AVX2 static void dense_bf16(float *y, size_t ldy, const float *x, size_t ldx,
     dense_enc(BN_ENC_BF16, y, ldy, x, ldx, n_tok, w, cols, r0, r8);
 }
 
-BN_AVX2 static void dense_matmul_avx2(float *y, size_t ldy, const float *x, size_t ldx, uint32_t n_tok,
+BN_AVX2 void bn_dense_matmul_avx2(float *y, size_t ldy, const float *x, size_t ldx, uint32_t n_tok,
                                       const void *w, uint32_t encoding, uint32_t cols, uint32_t r0, uint32_t r1) {
     if (r0 >= r1 || n_tok == 0) return;
     const uint32_t r8 = r0 + (r1 - r0) / 8 * 8; /* whole groups of 8 rows; the rest by the reference */
@@ -663,7 +666,7 @@ BN_AVX2 BN_INLINE __m256i q8_dot32(__m256i w, __m256i x) {
     return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
 }
 
-BN_AVX2 static void q8_matmul_avx2(float *y, size_t ldy, const int8_t *x, size_t ldx, const float *xs,
+BN_AVX2 void bn_q8_matmul_avx2(float *y, size_t ldy, const int8_t *x, size_t ldx, const float *xs,
                                    uint32_t n_tok, const int8_t *w, const float *ws, uint32_t cols, uint32_t r0,
                                    uint32_t r1) {
     const uint32_t c32 = cols / 32 * 32;
@@ -693,13 +696,85 @@ BN_AVX2 static void q8_matmul_avx2(float *y, size_t ldy, const int8_t *x, size_t
     if (r < r1) bn_kernels_ref.q8_matmul(y, ldy, x, ldx, xs, n_tok, w, ws, cols, r, r1);
 }
 
+/* ---- activation quantization and attention (references in ops.h) ----
+ * Quantization: max|x| is exact in any order; x * s, round half to even (vroundps, like rintf) and
+ * the clamps are per element, so the result is the reference's bit for bit. NaNs: vmaxps returns
+ * its second operand when either is NaN, so max(|x|, m) ignores a NaN like fmaxf, and max(v, -128)
+ * sends a NaN to -128 like fmaxf(NaN, -128).
+ * Attention: the q.k dot products in 8 lanes, reduced in bn_dot8_f32's order; the weighted sum of
+ * the values vectorizes over elements, each summed over positions in order, as in the reference. */
+
+BN_AVX2 float bn_quantize_row_avx2(int8_t *q, const float *x, uint32_t n) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 vmax = _mm256_setzero_ps();
+    uint32_t i = 0;
+    for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask), vmax);
+    float lanes[8], amax = 0.0f;
+    _mm256_storeu_ps(lanes, vmax);
+    for (int l = 0; l < 8; l++) amax = fmaxf(amax, lanes[l]);
+    for (; i < n; i++) amax = fmaxf(amax, fabsf(x[i]));
+    const float s = 127.0f / fmaxf(amax, 1e-5f);
+    const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
+    for (i = 0; i + 32 <= n; i += 32) {
+        __m256i v[4];
+        for (int k = 0; k < 4; k++) {
+            __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8 * k), vs),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            v[k] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+        }
+        /* the packs interleave 128-bit lanes: dword k of the result holds v[k % 4][4*(k/4) ..] */
+        const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+        _mm256_storeu_si256((__m256i *)(q + i), _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    }
+    for (; i < n; i++) q[i] = (int8_t)fminf(fmaxf(rintf(x[i] * s), -128.0f), 127.0f);
+    return s;
+}
+
+/* ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7)), bn_dot8_f32's order. */
+BN_AVX2 BN_INLINE float hsum8_ps(__m256 v) {
+    const __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 b = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
+}
+
+BN_AVX2 void bn_attention_head_avx2(float *out, const float *q, const float *k, const float *v, uint64_t stride,
+                                    uint32_t n_pos, uint32_t D, float scale, float *att) {
+    if (D % 8) {
+        bn_attention_head(out, q, k, v, stride, n_pos, D, scale, att);
+        return;
+    }
+    float max = -INFINITY;
+    for (uint32_t j = 0; j < n_pos; j++) {
+        const float *kj = k + j * stride;
+        __m256 acc = _mm256_setzero_ps();
+        for (uint32_t i = 0; i < D; i += 8)
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(kj + i)));
+        att[j] = hsum8_ps(acc) * scale;
+        max = fmaxf(max, att[j]);
+    }
+    float sum = 0.0f;
+    for (uint32_t j = 0; j < n_pos; j++) {
+        att[j] = expf(att[j] - max);
+        sum += att[j];
+    }
+    memset(out, 0, D * sizeof *out);
+    for (uint32_t j = 0; j < n_pos; j++) {
+        const float *vj = v + j * stride;
+        const __m256 p = _mm256_set1_ps(att[j] / sum);
+        for (uint32_t i = 0; i < D; i += 8)
+            _mm256_storeu_ps(out + i, _mm256_add_ps(_mm256_loadu_ps(out + i), _mm256_mul_ps(p, _mm256_loadu_ps(vj + i))));
+    }
+}
+
 const bn_kernels bn_kernels_avx2 = {
     .name = "avx2",
     .i2_matmul = i2_matmul_avx2,
-    .tl1_matmul = tl1_matmul_avx2,
-    .tl2_matmul = tl2_matmul_avx2,
-    .dense_matmul = dense_matmul_avx2,
-    .q8_matmul = q8_matmul_avx2,
+    .tl1_matmul = bn_tl1_matmul_avx2,
+    .tl2_matmul = bn_tl2_matmul_avx2,
+    .dense_matmul = bn_dense_matmul_avx2,
+    .q8_matmul = bn_q8_matmul_avx2,
+    .quantize_row = bn_quantize_row_avx2,
+    .attention_head = bn_attention_head_avx2,
 };
 
 #else

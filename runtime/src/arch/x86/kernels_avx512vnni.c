@@ -1,0 +1,152 @@
+/* AVX-512 VNNI kernels, bit-exact with the scalar reference in runtime/src/kernels.c. Only the I2
+ * matmul has a kernel of its own here; the other entries are the AVX2 variant's (kernels_x86.h).
+ * Like kernels_avx2.c, every function carries a target attribute (BN_AVX512VNNI) and is handed out
+ * by bn_kernels_select() only when the CPU and OS support avx512f/bw/vnni (and avx2/f16c, for the
+ * reused kernels).
+ *
+ * I2 matmul, a register-tiled GEMM for prompt batches. One step reads 64 weight bytes (256
+ * elements) of each of I2V_ROWS rows; byte k holds elements 4k..4k+3. The activations of each token
+ * are deinterleaved once per call (bn_i2_planes_avx2, interleave 2) into blocks of 4 planes of 64
+ * bytes, lane k of plane i = x[4k + i], so that plane i of the weights, ((byte >> 2i) & 3) mapped
+ * {0,1,2,3} -> {0,1,2,1} (code 3 counts as 0), lines up with plane i of x. The codes are w + 1 and
+ * non-negative, x is signed: vpdpbusd (u8 x s8, four products summed into each int32 lane) gives
+ * sum(c * x) exactly, and dot(x, w) = sum(c * x) - sum(x). No int16 stage, so nothing can saturate.
+ * The code planes come from nibbles: a pshufb on the low (high) nibble of each byte gives the
+ * codes of elements 4k and 4k+1 (4k+2 and 4k+3). Each unpacked row plane is used by I2V_TOKENS
+ * tokens and each token plane by I2V_ROWS rows: 16 independent int32 accumulators, reduced four
+ * at a time at the end of a row. Zero padding of the activations makes whatever codes sit past
+ * `cols` harmless; a row's last partial 64 bytes are read with a masked load. */
+#if defined(__x86_64__)
+
+#include <immintrin.h>
+
+#include "arch/x86/kernels_x86.h"
+#include "kernels.h"
+
+#define BN_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,f16c")))
+#define BN_INLINE static inline __attribute__((always_inline))
+
+enum {
+    I2V_STEP = 64,         /* weight bytes per row and step */
+    I2V_BLOCK = 256,       /* elements per step (4 planes of 64 activation bytes) */
+    I2V_ROWS = 4,          /* rows sharing each token plane */
+    I2V_TOKENS = 4,        /* tokens sharing each unpacked row plane */
+    I2V_TOKEN_CHUNK = 64,  /* tokens deinterleaved per pass (bounds the scratch memory) */
+};
+
+/* Lane t (t < 4) = the sum of the 16 int32 lanes of v[t]. */
+_Static_assert(I2V_TOKENS == 4, "hsum4_epi32 reduces four accumulators");
+BN_AVX512VNNI BN_INLINE __m128i hsum4_epi32(const __m512i v[4]) {
+    __m256i h[4];
+    for (int t = 0; t < 4; t++)
+        h[t] = _mm256_add_epi32(_mm512_castsi512_si256(v[t]), _mm512_extracti64x4_epi64(v[t], 1));
+    /* per 128-bit lane: [v0 0+2, v1 0+2, v0 1+3, v1 1+3], then [v0, v1, v2, v3] */
+    const __m256i h01 = _mm256_add_epi32(_mm256_unpacklo_epi32(h[0], h[1]), _mm256_unpackhi_epi32(h[0], h[1]));
+    const __m256i h23 = _mm256_add_epi32(_mm256_unpacklo_epi32(h[2], h[3]), _mm256_unpackhi_epi32(h[2], h[3]));
+    const __m256i s = _mm256_add_epi32(_mm256_unpacklo_epi64(h01, h23), _mm256_unpackhi_epi64(h01, h23));
+    return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+}
+
+/* y[t*ldy + r] = dot(row r, token t) for R rows from w (row_bytes apart) and NT tokens whose planes
+ * start tstride bytes apart; sums[t] = sum(x_t). */
+BN_AVX512VNNI BN_INLINE void i2v_tile(int R, int NT, const uint8_t *w, uint32_t row_bytes, const int8_t *planes,
+                                      size_t tstride, const int32_t *sums, int32_t *y, size_t ldy) {
+    const __m512i nibble = _mm512_set1_epi8(0x0f);
+    /* code of the nibble's low (tab_lo) or high (tab_hi) 2 bits, 3 -> 1 */
+    const __m512i tab_lo = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 2, 1, 0, 1, 2, 1, 0, 1, 2, 1, 0, 1, 2, 1));
+    const __m512i tab_hi = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 1, 1, 1, 1));
+    __m512i acc[I2V_ROWS][I2V_TOKENS]; /* all zeroed: the unused ones add nothing to the reduction */
+    for (int r = 0; r < I2V_ROWS; r++)
+        for (int t = 0; t < I2V_TOKENS; t++) acc[r][t] = _mm512_setzero_si512();
+    const uint32_t steps = (row_bytes + I2V_STEP - 1) / I2V_STEP, tail = row_bytes % I2V_STEP;
+    for (uint32_t s = 0; s < steps; s++) {
+        const __mmask64 mask = s + 1 == steps && tail ? (((__mmask64)1 << tail) - 1) : ~(__mmask64)0;
+        const int8_t *p = planes + (size_t)s * I2V_BLOCK;
+        /* the low nibbles (planes 0, 1), then the high ones (planes 2, 3): fewer live registers */
+        for (int half = 0; half < 2; half++) {
+            __m512i nib[I2V_ROWS];
+            for (int r = 0; r < R; r++) {
+                const __m512i v = _mm512_maskz_loadu_epi8(mask, w + (size_t)r * row_bytes + (size_t)s * I2V_STEP);
+                nib[r] = _mm512_and_si512(half ? _mm512_srli_epi16(v, 4) : v, nibble);
+            }
+            for (int odd = 0; odd < 2; odd++) {
+                const int8_t *pi = p + (size_t)(2 * half + odd) * I2V_STEP;
+                __m512i c[I2V_ROWS];
+                for (int r = 0; r < R; r++) c[r] = _mm512_shuffle_epi8(odd ? tab_hi : tab_lo, nib[r]);
+                for (int t = 0; t < NT; t++) {
+                    const __m512i a = _mm512_load_si512((const void *)(pi + t * tstride));
+                    for (int r = 0; r < R; r++) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], c[r], a);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        int32_t dot[I2V_TOKENS];
+        _mm_storeu_si128((__m128i *)dot, hsum4_epi32(acc[r]));
+        for (int t = 0; t < NT; t++) y[t * ldy + r] = dot[t] - sums[t];
+    }
+}
+
+typedef void (*i2v_tile_fn)(const uint8_t *, uint32_t, const int8_t *, size_t, const int32_t *, int32_t *, size_t);
+
+/* Instances with constant row and token counts, so that the accumulators live in registers. */
+#define I2V_INSTANCE(R, NT)                                                                                        \
+    BN_AVX512VNNI static void i2v_tile_##R##x##NT(const uint8_t *w, uint32_t rb, const int8_t *p, size_t ts,       \
+                                                  const int32_t *s, int32_t *y, size_t ldy) {                     \
+        i2v_tile(R, NT, w, rb, p, ts, s, y, ldy);                                                                  \
+    }
+I2V_INSTANCE(4, 1)
+I2V_INSTANCE(4, 2)
+I2V_INSTANCE(4, 3)
+I2V_INSTANCE(4, 4)
+I2V_INSTANCE(1, 1)
+I2V_INSTANCE(1, 2)
+I2V_INSTANCE(1, 3)
+I2V_INSTANCE(1, 4)
+
+BN_AVX512VNNI static void i2_matmul_avx512vnni(int32_t *y, size_t ldy, const int8_t *x, size_t ldx, uint32_t n_tok,
+                                               const uint8_t *w, uint32_t cols, uint32_t r0, uint32_t r1) {
+    if (r0 >= r1 || n_tok == 0) return;
+    const uint32_t row_bytes = (cols + 3) / 4;
+    const size_t tstride = (size_t)(cols + I2V_BLOCK - 1) / I2V_BLOCK * I2V_BLOCK; /* plane bytes per token */
+    const uint32_t chunk = n_tok < I2V_TOKEN_CHUNK ? n_tok : I2V_TOKEN_CHUNK;
+    int8_t *planes = bn_x86_scratch(chunk * tstride + chunk * sizeof(int32_t));
+    if (!planes) { /* out of memory: the reference gives the same result */
+        bn_kernels_ref.i2_matmul(y, ldy, x, ldx, n_tok, w, cols, r0, r1);
+        return;
+    }
+    int32_t *sums = (int32_t *)(planes + chunk * tstride);
+    static const i2v_tile_fn tile4[I2V_TOKENS + 1] = {NULL, i2v_tile_4x1, i2v_tile_4x2, i2v_tile_4x3, i2v_tile_4x4};
+    static const i2v_tile_fn tile1[I2V_TOKENS + 1] = {NULL, i2v_tile_1x1, i2v_tile_1x2, i2v_tile_1x3, i2v_tile_1x4};
+
+    for (uint32_t t0 = 0; t0 < n_tok; t0 += chunk) {
+        const uint32_t nt = n_tok - t0 < chunk ? n_tok - t0 : chunk;
+        for (uint32_t t = 0; t < nt; t++) sums[t] = bn_i2_planes_avx2(planes + t * tstride, x + (t0 + t) * ldx, cols, 2);
+        /* rows outer, tokens inner: a tile's rows are read from memory once, then stay in L1 */
+        for (uint32_t r = r0; r < r1;) {
+            const uint32_t R = r1 - r >= I2V_ROWS ? I2V_ROWS : 1;
+            const i2v_tile_fn *fn = R == I2V_ROWS ? tile4 : tile1;
+            for (uint32_t tb = 0; tb < nt; tb += I2V_TOKENS) {
+                const uint32_t k = nt - tb < I2V_TOKENS ? nt - tb : I2V_TOKENS;
+                fn[k](w + (size_t)r * row_bytes, row_bytes, planes + tb * tstride, tstride, sums + tb,
+                      y + (size_t)(t0 + tb) * ldy + r, ldy);
+            }
+            r += R;
+        }
+    }
+}
+
+const bn_kernels bn_kernels_avx512vnni = {
+    .name = "avx512vnni",
+    .i2_matmul = i2_matmul_avx512vnni,
+    .tl1_matmul = bn_tl1_matmul_avx2,
+    .tl2_matmul = bn_tl2_matmul_avx2,
+    .dense_matmul = bn_dense_matmul_avx2,
+    .q8_matmul = bn_q8_matmul_avx2,
+    .quantize_row = bn_quantize_row_avx2,
+    .attention_head = bn_attention_head_avx2,
+};
+
+#else
+typedef int bn_kernels_avx512vnni_unused; /* not x86-64: nothing to compile (ISO C forbids an empty file) */
+#endif

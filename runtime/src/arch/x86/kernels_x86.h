@@ -1,0 +1,32 @@
+/* What the x86 kernel variants share: the per-thread scratch buffer, the I2 activation planes, and
+ * the AVX2 kernels that wider variants reuse where they have no better one of their own. */
+#ifndef BN_KERNELS_X86_H
+#define BN_KERNELS_X86_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* A 64-byte aligned buffer of at least n bytes for the calling thread (kept, and grown, across
+ * calls; freed when the thread exits), or NULL when out of memory. */
+void *bn_x86_scratch(size_t n);
+
+/* Deinterleaves one token row x[cols] for the I2 kernels, which read 32 * `interleave` weight
+ * bytes (128 * interleave elements) per step: block b (b < ceil(cols / (128 * interleave))) is
+ * 4 planes of 32 * interleave bytes at dst + 128 * interleave * b, lane k of plane i holding
+ * element 128 * interleave * b + 4k + i; past cols, zeros. Returns sum(x). Requires AVX2. */
+int32_t bn_i2_planes_avx2(int8_t *dst, const int8_t *x, uint32_t cols, uint32_t interleave);
+
+/* The AVX2 variant's kernels (kernels.h for their contracts). */
+void bn_tl1_matmul_avx2(int32_t *y, size_t ldy, const int8_t *x, size_t ldx, uint32_t n_tok, const uint8_t *w,
+                        uint32_t cols, uint32_t r0, uint32_t r1);
+void bn_tl2_matmul_avx2(int32_t *y, size_t ldy, const int8_t *x, size_t ldx, uint32_t n_tok, const uint8_t *w,
+                        uint32_t cols, uint32_t r0, uint32_t r1);
+void bn_dense_matmul_avx2(float *y, size_t ldy, const float *x, size_t ldx, uint32_t n_tok, const void *w,
+                          uint32_t encoding, uint32_t cols, uint32_t r0, uint32_t r1);
+void bn_q8_matmul_avx2(float *y, size_t ldy, const int8_t *x, size_t ldx, const float *xs, uint32_t n_tok,
+                       const int8_t *w, const float *ws, uint32_t cols, uint32_t r0, uint32_t r1);
+float bn_quantize_row_avx2(int8_t *q, const float *x, uint32_t n);
+void bn_attention_head_avx2(float *out, const float *q, const float *k, const float *v, uint64_t stride,
+                            uint32_t n_pos, uint32_t D, float scale, float *att);
+
+#endif
