@@ -136,6 +136,16 @@ bn_status bn_kernels_dense_matmul(uint32_t variant, uint32_t n_threads, float *y
  * BN_ERR_ARG for a bad variant. */
 bn_status bn_kernels_q8_matmul(uint32_t variant, uint32_t n_threads, float *y, const int8_t *x, const float *xs,
                                uint32_t n_tok, const uint8_t *w, uint32_t rows, uint32_t cols);
+/* BitLinear activation quantization of n_rows rows x [n_rows][cols] into q int8 [n_rows][cols] and
+ * the scales s [n_rows] (s = 127 / max(max|x|, 1e-5), q = clamp(round_half_even(x * s), -128, 127)).
+ * BN_ERR_ARG for a bad variant. */
+bn_status bn_kernels_quantize_rows(uint32_t variant, int8_t *q, float *s, const float *x, uint32_t n_rows,
+                                   uint32_t cols);
+/* One attention head: out[D] = softmax(q . k_j * scale) . v_j over j < n_pos, with k and v
+ * [n_pos][stride] floats (the head's D values first in each row, stride >= D). BN_ERR_ARG for a bad
+ * variant or stride < D; BN_ERR_NOMEM when no scratch can be allocated. */
+bn_status bn_kernels_attention_head(uint32_t variant, float *out, const float *q, const float *k, const float *v,
+                                    uint64_t stride, uint32_t n_pos, uint32_t D, float scale);
 /* Times `repeats` calls (after one warm-up) of a variant's kernel on random data of that shape:
  * encoding 3/4/5 (I2/TL1/TL2) for the ternary kernels, 0/1/2 for the dense one, 6 (Q8_R) for the q8 head
  * one; n_threads threads split the rows.

@@ -99,6 +99,25 @@ bn_status bn_kernels_q8_matmul(uint32_t variant, uint32_t n_threads, float *y, c
     return run(variant, n_threads, &task);
 }
 
+bn_status bn_kernels_quantize_rows(uint32_t variant, int8_t *q, float *s, const float *x, uint32_t n_rows,
+                                   uint32_t cols) {
+    const bn_kernels *k = bn_kernels_available(variant);
+    if (!k || ((!q || !s || !x) && n_rows)) return BN_ERR_ARG;
+    for (uint32_t r = 0; r < n_rows; r++) s[r] = k->quantize_row(q + (size_t)r * cols, x + (size_t)r * cols, cols);
+    return BN_OK;
+}
+
+bn_status bn_kernels_attention_head(uint32_t variant, float *out, const float *q, const float *k, const float *v,
+                                    uint64_t stride, uint32_t n_pos, uint32_t D, float scale) {
+    const bn_kernels *kern = bn_kernels_available(variant);
+    if (!kern || !out || !q || !k || !v || n_pos == 0 || stride < D) return BN_ERR_ARG;
+    float *att = malloc((size_t)n_pos * sizeof *att);
+    if (!att) return BN_ERR_NOMEM;
+    kern->attention_head(out, q, k, v, stride, n_pos, D, scale, att);
+    free(att);
+    return BN_OK;
+}
+
 static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);

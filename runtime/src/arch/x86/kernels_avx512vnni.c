@@ -15,7 +15,9 @@
  * codes of elements 4k and 4k+1 (4k+2 and 4k+3). Each unpacked row plane is used by I2V_TOKENS
  * tokens and each token plane by I2V_ROWS rows: 16 independent int32 accumulators, reduced four
  * at a time at the end of a row. Zero padding of the activations makes whatever codes sit past
- * `cols` harmless; a row's last partial 64 bytes are read with a masked load. */
+ * `cols` harmless; a row's last partial 64 bytes are read with a masked load. A single token
+ * (decoding, memory-bound) goes to the AVX2 kernel, which measured faster there
+ * (docs/benchmarks.md). */
 #if defined(__x86_64__)
 
 #include <immintrin.h>
@@ -106,6 +108,10 @@ I2V_INSTANCE(1, 4)
 
 BN_AVX512VNNI static void i2_matmul_avx512vnni(int32_t *y, size_t ldy, const int8_t *x, size_t ldx, uint32_t n_tok,
                                                const uint8_t *w, uint32_t cols, uint32_t r0, uint32_t r1) {
+    if (n_tok == 1) { /* decoding reads each weight once: the AVX2 kernel streams it faster */
+        bn_i2_matmul_avx2(y, ldy, x, ldx, n_tok, w, cols, r0, r1);
+        return;
+    }
     if (r0 >= r1 || n_tok == 0) return;
     const uint32_t row_bytes = (cols + 3) / 4;
     const size_t tstride = (size_t)(cols + I2V_BLOCK - 1) / I2V_BLOCK * I2V_BLOCK; /* plane bytes per token */
