@@ -9,6 +9,9 @@ mean +- sample standard deviation of tokens/s over the repetitions.
 Next to the throughput every report has the machine's measured read bandwidth for that thread
 count (a C read loop, runtime/src/membw.c) and the decoding ceiling it implies: bandwidth / bytes of
 weights read per generated token, since decoding one token reads every weight once.
+
+Models that share a label (one synthetic shape in several ternary encodings, `--weights`) form one
+group: they and the group's peers (`--peers`) run interleaved, run by run, on the same token ids.
 """
 from __future__ import annotations
 
@@ -37,13 +40,20 @@ DEFAULT_MEMBW_MIB = 512
 MEMBW_REPEATS = 5
 TG_WARMUP_TOKENS = 4
 OUTPUT_FORMATS = ("md", "json", "csv")
+OURS = "bitnet-run"  # the `runtime` of our rows
 
-# One row's fields, in output order (json objects, csv columns).
+# Per ternary encoding of ours (i2, tl1, tl2): the field of a peer row holding our t/s in that
+# encoding / the peer's t/s.
+RATIO_FIELDS = {name: f"ratio_vs_{name}" for name in ff.WEIGHT_ENCODINGS}
+
+# One row's fields, in output order (json objects, csv columns). Fields added later go at the end,
+# so that the existing csv columns keep their positions.
 FIELDS = (
     "runtime", "runtime_version", "kernels", "cpu", "model", "model_path", "model_type",
     "model_size", "model_n_params", "linear_bpw", "bytes_per_token", "n_threads", "test",
     "n_prompt", "n_gen", "repetitions", "avg_ts", "stddev_ts", "samples_ts", "membw_gbps",
     "decode_ceiling_ts", "pct_of_ceiling", "peak_rss_mib", "test_time", "ratio_vs",
+    "weights", *RATIO_FIELDS.values(),
 )
 
 
@@ -86,6 +96,17 @@ def parse_int_list(text: str, option: str, minimum: int = 0) -> list[int]:
             if v not in values:
                 values.append(v)
     return values
+
+
+def parse_weights(text: str) -> list[str]:
+    """--weights: a comma list of ternary encodings of the synthetic models (i2, tl1, tl2), in the
+    order given, duplicates dropped."""
+    known = tuple(ff.WEIGHT_ENCODINGS)
+    names = [item.strip() for item in str(text).split(",")]
+    for name in names:
+        if name not in known:
+            raise BenchError(f"--weights: unknown encoding {name!r} (expected a comma list of {', '.join(known)})")
+    return list(dict.fromkeys(names))
 
 
 # --------------------------------------------------------------------------- machine facts
@@ -168,6 +189,7 @@ class ModelFacts:
     bytes_per_token: int
     model_type: str
     context_length: int
+    weights: str | None  # the ternary encoding of the linears ("I2", "TL1", "TL2"; "I2+TL1" if mixed)
 
 
 def model_facts(path: Path, label: str) -> ModelFacts:
@@ -182,12 +204,15 @@ def model_facts(path: Path, label: str) -> ModelFacts:
     linear_bytes = linear_params = 0
     n_params = per_token = 0
     head = "?"
+    linear_encodings = []
     for t in header.tensors:
         numel = math.prod(t.dims)
         n_params += numel
         if t.encoding in ff.TERNARY_ENCODINGS:
             linear_bytes += t.nbytes
             linear_params += numel
+            if t.encoding_name not in linear_encodings:
+                linear_encodings.append(t.encoding_name)
         if t.name == "model.embed_tokens.weight" and not tied:
             per_token += hidden * ff.FLOAT_ENCODING_DTYPES.get(t.encoding, np.dtype("u1")).itemsize
         else:
@@ -201,6 +226,7 @@ def model_facts(path: Path, label: str) -> ModelFacts:
         linear_bpw=linear_bytes * 8 / linear_params if linear_params else None,
         bytes_per_token=per_token, model_type=model_type,
         context_length=int(meta.get("bitnet.context_length", 0)),
+        weights="+".join(linear_encodings) or None,
     )
 
 
@@ -229,9 +255,29 @@ def _time_tg(model, tokens: np.ndarray) -> float:
     return time.perf_counter() - start
 
 
+class _ModelRunner:
+    """bitnet-run's Model at one thread count, behind the timer interface of peers.LlamaCppRunner
+    (time_pp, time_tg, n_vocab, close), so that ours and the peers are timed by the same loop."""
+
+    def __init__(self, path: Path, n_threads: int, n_ctx: int):
+        from .model import Model
+
+        self.model = Model(path, n_threads=n_threads, n_ctx=n_ctx)
+        self.n_vocab = self.model.n_vocab
+
+    def time_pp(self, tokens: np.ndarray) -> float:
+        return _time_pp(self.model, tokens)
+
+    def time_tg(self, tokens: np.ndarray) -> float:
+        return _time_tg(self.model, tokens)
+
+    def close(self) -> None:
+        self.model = None  # the weights are unmapped once the last reference goes
+
+
 @dataclass
 class BenchSpec:
-    models: list[tuple[str, Path]]  # (label, path)
+    models: list[tuple[str, Path]]  # (label, path); models with the same label are one group
     n_prompt: list[int]
     n_gen: list[int]
     threads: list[int]
@@ -258,14 +304,135 @@ def validate(spec: BenchSpec, models: bool = True) -> None:
         raise BenchError(f"the token seed must be >= 0, got {spec.seed}")
 
 
-def run(spec: BenchSpec, log: Callable[[str], None] | None = None) -> list[dict]:
-    """Runs the cross product models x threads x (pp tests, tg tests); returns one dict per test."""
-    from .model import Model
+@dataclass
+class _Contender:
+    """One runtime on one file in a group: the row fields that do not depend on the test, and the
+    runner that times it (_ModelRunner or peers.LlamaCppRunner), opened for one thread count."""
 
+    fields: dict
+    runner: object = None
+
+
+def _our_fields(facts: ModelFacts, kernels: str | None, cpu: str) -> dict:
+    return {
+        "runtime": OURS, "runtime_version": __version__, "kernels": kernels, "cpu": cpu,
+        "model": facts.label, "model_path": str(facts.path), "model_type": facts.model_type,
+        "model_size": facts.file_size, "model_n_params": facts.n_params, "linear_bpw": facts.linear_bpw,
+        "bytes_per_token": facts.bytes_per_token, "weights": facts.weights,
+    }
+
+
+def _peer_fields(label: str, name: str, gguf_path: Path, pfacts: dict, cpu: str) -> dict:
+    return {
+        "runtime": name, "runtime_version": _llamacpp_version(), "kernels": None, "cpu": cpu,
+        "model": label, "model_path": str(gguf_path), "model_type": pfacts["model_type"],
+        "model_size": gguf_path.stat().st_size, "model_n_params": pfacts["n_params"],
+        "linear_bpw": pfacts["linear_bpw"], "bytes_per_token": pfacts["bytes_per_token"],
+        "weights": pfacts.get("weights"),
+    }
+
+
+def _groups(spec: BenchSpec, all_facts: dict, kernels: str | None, cpu: str) -> list[list[_Contender]]:
+    """The models grouped by label (in first-appearance order), each group followed by its peers."""
+    groups: dict[str, list[_Contender]] = {}
+    for label, path in spec.models:
+        groups.setdefault(label, []).append(_Contender(_our_fields(all_facts[label, path], kernels, cpu)))
+    for label, group in groups.items():
+        for name, gguf_path, pfacts in spec.peers.get(label) or []:
+            group.append(_Contender(_peer_fields(label, name, gguf_path, pfacts, cpu)))
+    return list(groups.values())
+
+
+def _open(group: list[_Contender], n_threads: int, n_ctx: int, n_batch: int, log: Callable[[str], None]) -> None:
+    """Load every contender of the group at n_threads (all stay loaded: their runs interleave)."""
+    try:
+        for c in group:
+            if c.fields["runtime"] == OURS:
+                c.runner = _ModelRunner(Path(c.fields["model_path"]), n_threads, n_ctx)
+            else:
+                from .peers import LlamaCppRunner
+
+                log(f"{c.fields['model']}: loading {c.fields['runtime']} ({Path(c.fields['model_path']).name}), "
+                    f"{n_threads} thread(s)")
+                c.runner = LlamaCppRunner(c.fields["model_path"], n_threads, n_ctx, n_batch)
+    except BaseException:
+        _close(group)
+        raise
+
+
+def _close(group: list[_Contender]) -> None:
+    for c in group:
+        if c.runner is not None:
+            c.runner.close()
+            c.runner = None
+    gc.collect()  # unmap these models before the next ones are measured
+
+
+def _measure(group: list[_Contender], kind: str, tokens: np.ndarray, spec: BenchSpec,
+             log: Callable[[str], None], what: str) -> list[list[float]]:
+    """Tokens/s samples of every contender on the same tokens: the warm-ups of all first, then the
+    timed runs interleaved run by run (A, B, C, A, B, C, ...), so that a drift of the machine hits
+    every contender alike."""
+    timers = [c.runner.time_pp if kind == "pp" else c.runner.time_tg for c in group]
+    if spec.warmup:
+        log(f"{what}, warm-up")
+        for timer in timers:
+            timer(tokens if kind == "pp" else tokens[:TG_WARMUP_TOKENS])
+    samples: list[list[float]] = [[] for _ in group]
+    for rep in range(spec.repetitions):
+        log(f"{what}, run {rep + 1}/{spec.repetitions}")
+        for timer, out in zip(timers, samples):
+            seconds = timer(tokens)
+            out.append(tokens.size / seconds if seconds > 0 else float("inf"))
+    return samples
+
+
+def _row(fields: dict, samples: list[float], kind: str, n: int, n_threads: int, gbps: float,
+         repetitions: int, peak_mib: float, now: str) -> dict:
+    avg = statistics.fmean(samples)
+    ceiling = gbps * 1e9 / fields["bytes_per_token"]
+    return {
+        **fields,
+        "n_threads": n_threads,
+        "test": f"{kind}{n}",
+        "n_prompt": n if kind == "pp" else 0,
+        "n_gen": n if kind == "tg" else 0,
+        "repetitions": repetitions,
+        "avg_ts": avg,
+        "stddev_ts": statistics.stdev(samples) if len(samples) > 1 else 0.0,
+        "samples_ts": samples,
+        "membw_gbps": gbps,
+        "decode_ceiling_ts": ceiling,
+        "pct_of_ceiling": 100.0 * avg / ceiling if kind == "tg" else None,
+        "peak_rss_mib": peak_mib,
+        "test_time": now,
+        "ratio_vs": None,
+        **dict.fromkeys(RATIO_FIELDS.values()),
+    }
+
+
+def _add_ratios(rows: Sequence[dict]) -> None:
+    """Fills the ratios of the peer rows of one test: ratio_vs = t/s of our first row (the first
+    --weights encoding) / the peer's, ratio_vs_<encoding> = t/s of our row in that encoding / the peer's."""
+    ours = [r for r in rows if r["runtime"] == OURS]
+    for r in rows:
+        if r["runtime"] == OURS or not ours or r["avg_ts"] <= 0:
+            continue
+        r["ratio_vs"] = ours[0]["avg_ts"] / r["avg_ts"]
+        for o in ours:
+            key = RATIO_FIELDS.get((o["weights"] or "").lower())
+            if key is not None:
+                r[key] = o["avg_ts"] / r["avg_ts"]
+
+
+def run(spec: BenchSpec, log: Callable[[str], None] | None = None) -> list[dict]:
+    """Runs the cross product models x threads x (pp tests, tg tests); returns one dict per test and
+    model (and peer). The models of one group (same label) and its peers run interleaved."""
     validate(spec)
     log = log or (lambda message: None)
     tests = [("pp", n) for n in spec.n_prompt if n > 0] + [("tg", n) for n in spec.n_gen if n > 0]
     n_ctx = max(n for _, n in tests)
+    n_batch = max([n for kind, n in tests if kind == "pp"] + [1])
     all_facts = {}
     for label, path in spec.models:  # every model checked before anything is timed
         facts = all_facts[label, path] = model_facts(path, label)
@@ -275,8 +442,8 @@ def run(spec: BenchSpec, log: Callable[[str], None] | None = None) -> list[dict]
                 f"{label}: {longest[0]}{longest[1]} needs {n_ctx} positions but the model's context length "
                 f"is {facts.context_length} tokens"
             )
-    kernels = kernels_name()
     cpu = f"{cpu_name()} ({os.cpu_count()} CPUs)"
+    groups = _groups(spec, all_facts, kernels_name(), cpu)
     bandwidth = {}
     for t in spec.threads:
         log(f"read bandwidth, {t} thread(s), {spec.membw_bytes >> 20} MiB buffer")
@@ -284,96 +451,23 @@ def run(spec: BenchSpec, log: Callable[[str], None] | None = None) -> list[dict]
     rss = PeakRSS()
     rng = np.random.default_rng(spec.seed)
     rows = []
-    for label, path in spec.models:
-        facts = all_facts[label, path]
+    for group in groups:
+        label = group[0].fields["model"]
         for t in spec.threads:
-            model = Model(path, n_threads=t, n_ctx=n_ctx)
-            peer_runners = []
-            if spec.peers.get(label):
-                from .peers import LlamaCppRunner
-
-                n_batch = max([n for kind, n in tests if kind == "pp"] + [1])
-                for name, gguf_path, pfacts in spec.peers[label]:
-                    log(f"{label}: loading {name} ({gguf_path.name}), {t} thread(s)")
-                    peer_runners.append((name, gguf_path, pfacts, LlamaCppRunner(gguf_path, t, n_ctx, n_batch)))
-            ceiling = bandwidth[t] * 1e9 / facts.bytes_per_token
-            for kind, n in tests:
-                name = f"{kind}{n}"
-                tokens = rng.integers(0, model.n_vocab, size=n, dtype=np.int32)
-                timer = _time_pp if kind == "pp" else _time_tg
-                rss.reset()
-                if spec.warmup:
-                    log(f"{label}: {name}, {t} thread(s), warm-up")
-                    timer(model, tokens if kind == "pp" else tokens[:TG_WARMUP_TOKENS])
-                    for _, _, _, runner in peer_runners:
-                        (runner.time_pp if kind == "pp" else runner.time_tg)(
-                            tokens if kind == "pp" else tokens[:TG_WARMUP_TOKENS])
-                samples = []
-                peer_samples = [[] for _ in peer_runners]
-                for rep in range(spec.repetitions):
-                    log(f"{label}: {name}, {t} thread(s), run {rep + 1}/{spec.repetitions}")
-                    seconds = timer(model, tokens)
-                    samples.append(n / seconds if seconds > 0 else float("inf"))
-                    for i, (_, _, _, runner) in enumerate(peer_runners):  # interleaved A/B: ours, peer, ours, peer...
-                        seconds = (runner.time_pp if kind == "pp" else runner.time_tg)(tokens)
-                        peer_samples[i].append(n / seconds if seconds > 0 else float("inf"))
-                avg = statistics.fmean(samples)
-                std = statistics.stdev(samples) if len(samples) > 1 else 0.0
-                peak = rss.read_mib()
-                now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-                ours = {
-                    "runtime": "bitnet-run",
-                    "runtime_version": __version__,
-                    "kernels": kernels,
-                    "cpu": cpu,
-                    "model": label,
-                    "model_path": str(path),
-                    "model_type": facts.model_type,
-                    "model_size": facts.file_size,
-                    "model_n_params": facts.n_params,
-                    "linear_bpw": facts.linear_bpw,
-                    "bytes_per_token": facts.bytes_per_token,
-                    "n_threads": t,
-                    "test": name,
-                    "n_prompt": n if kind == "pp" else 0,
-                    "n_gen": n if kind == "tg" else 0,
-                    "repetitions": spec.repetitions,
-                    "avg_ts": avg,
-                    "stddev_ts": std,
-                    "samples_ts": samples,
-                    "membw_gbps": bandwidth[t],
-                    "decode_ceiling_ts": ceiling,
-                    "pct_of_ceiling": 100.0 * avg / ceiling if kind == "tg" else None,
-                    "peak_rss_mib": peak,
-                    "test_time": now,
-                    "ratio_vs": None,
-                }
-                rows.append(ours)
-                for (pname, gguf_path, pfacts, _), psamples in zip(peer_runners, peer_samples):
-                    pavg = statistics.fmean(psamples)
-                    pceiling = bandwidth[t] * 1e9 / pfacts["bytes_per_token"]
-                    rows.append({
-                        **ours,
-                        "runtime": pname,
-                        "runtime_version": _llamacpp_version(),
-                        "kernels": None,
-                        "model_path": str(gguf_path),
-                        "model_type": pfacts["model_type"],
-                        "model_size": gguf_path.stat().st_size,
-                        "model_n_params": pfacts["n_params"],
-                        "linear_bpw": pfacts["linear_bpw"],
-                        "bytes_per_token": pfacts["bytes_per_token"],
-                        "avg_ts": pavg,
-                        "stddev_ts": statistics.stdev(psamples) if len(psamples) > 1 else 0.0,
-                        "samples_ts": psamples,
-                        "decode_ceiling_ts": pceiling,
-                        "pct_of_ceiling": 100.0 * pavg / pceiling if kind == "tg" else None,
-                        "ratio_vs": avg / pavg if pavg > 0 else None,
-                    })
-            for runner in peer_runners:
-                runner[3].close()
-            del model, peer_runners
-            gc.collect()  # unmap this model before the next one is measured
+            _open(group, t, n_ctx, n_batch, log)
+            try:
+                n_vocab = min(c.runner.n_vocab for c in group)
+                for kind, n in tests:
+                    tokens = rng.integers(0, n_vocab, size=n, dtype=np.int32)
+                    rss.reset()
+                    samples = _measure(group, kind, tokens, spec, log, f"{label}: {kind}{n}, {t} thread(s)")
+                    peak, now = rss.read_mib(), _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+                    test_rows = [_row(c.fields, s, kind, n, t, bandwidth[t], spec.repetitions, peak, now)
+                                 for c, s in zip(group, samples)]
+                    _add_ratios(test_rows)
+                    rows += test_rows
+            finally:
+                _close(group)
     return rows
 
 
@@ -388,26 +482,64 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
 
-MD_COLUMNS = ("model", "size", "params", "bpw", "threads", "test", "t/s", "read GB/s", "ceiling t/s",
+MD_COLUMNS = ("model", "weights", "size", "params", "bpw", "threads", "test", "t/s", "read GB/s", "ceiling t/s",
               "% of ceiling", "peak RSS")
 _MD_RIGHT = {"size", "params", "bpw", "threads", "test", "t/s", "read GB/s", "ceiling t/s", "% of ceiling", "peak RSS"}
 
 
-def format_md(rows: Sequence[dict]) -> str:
-    with_peers = any(r["runtime"] != "bitnet-run" for r in rows)
-    columns = (("runtime",) + MD_COLUMNS + ("ours/peer",)) if with_peers else MD_COLUMNS
-    right = _MD_RIGHT | {"ours/peer"}
-    cells = []
+def ratio_columns(rows: Sequence[dict]) -> list[tuple[str, str]]:
+    """(md column, row field) of the ours/peer ratios: one `ours/peer` column (ratio_vs) when ours
+    ran in one encoding, else a `<ENCODING>/peer` column (ratio_vs_<encoding>) per encoding of ours."""
+    ours = list(dict.fromkeys(r.get("weights") for r in rows if r["runtime"] == OURS))
+    per_encoding = [(f"{w}/peer", RATIO_FIELDS[w.lower()]) for w in ours if w and w.lower() in RATIO_FIELDS]
+    return per_encoding if len(ours) > 1 and len(per_encoding) == len(ours) else [("ours/peer", "ratio_vs")]
+
+
+def _md_cells(r: dict, with_peers: bool, ratios: list[tuple[str, str]]) -> list[str]:
+    tg = r["n_gen"] > 0
+    first = [r["runtime"]] if with_peers else []
+    last = [f"{r[key]:.2f}" if r.get(key) is not None else "" for _, key in ratios] if with_peers else []
+    return first + [
+        r["model"], r.get("weights") or "-", _size(r["model_size"]), _count(r["model_n_params"]),
+        f"{r['linear_bpw']:.2f}" if r["linear_bpw"] is not None else "-",
+        str(r["n_threads"]), r["test"], f"{r['avg_ts']:.2f} ± {r['stddev_ts']:.2f}",
+        f"{r['membw_gbps']:.1f}", f"{r['decode_ceiling_ts']:.1f}" if tg else "",
+        f"{r['pct_of_ceiling']:.1f}%" if tg else "", f"{r['peak_rss_mib']:.0f} MiB",
+    ] + last
+
+
+def _md_notes(rows: Sequence[dict], with_peers: bool, ratios: list[tuple[str, str]]) -> list[str]:
+    first = rows[0]
+    notes = [
+        f"bitnet-run {first['runtime_version']}, kernels: {first['kernels'] or 'not reported by the runtime'}, "
+        f"CPU: {first['cpu']}."
+    ]
+    per_model = {}
     for r in rows:
-        tg = r["n_gen"] > 0
-        extra_first = [r["runtime"]] if with_peers else []
-        extra_last = [f"{r['ratio_vs']:.2f}" if r.get("ratio_vs") is not None else ""] if with_peers else []
-        cells.append(extra_first + [
-            r["model"], _size(r["model_size"]), _count(r["model_n_params"]), f"{r['linear_bpw']:.2f}" if r["linear_bpw"] is not None else "-",
-            str(r["n_threads"]), r["test"], f"{r['avg_ts']:.2f} ± {r['stddev_ts']:.2f}",
-            f"{r['membw_gbps']:.1f}", f"{r['decode_ceiling_ts']:.1f}" if tg else "",
-            f"{r['pct_of_ceiling']:.1f}%" if tg else "", f"{r['peak_rss_mib']:.0f} MiB",
-        ] + extra_last)
+        key = f"{r['model']} {r.get('weights') or ''}".rstrip() if r["runtime"] == OURS else f"{r['model']} {r['runtime']}"
+        per_model.setdefault(key, r["bytes_per_token"])
+    reads = "; ".join(f"{m} {b / 2**20:.0f} MiB" for m, b in per_model.items())
+    notes.append(
+        "ceiling = read bandwidth of that many threads / weight bytes read per generated token "
+        f"({reads}); t/s is mean ± stddev over {first['repetitions']} runs."
+    )
+    if with_peers:
+        versions = sorted({r["runtime_version"] or "?" for r in rows if r["runtime"] != OURS})
+        ratio_text = ("ours/peer = bitnet-run t/s / that row's t/s" if ratios == [("ours/peer", "ratio_vs")]
+                      else "X/peer = bitnet-run t/s with X weights / that row's t/s")
+        notes.append(
+            f"Peers ({', '.join(versions)}) ran interleaved with bitnet-run, run by run, on the same random "
+            f"token ids; {ratio_text}. peak RSS is the whole process."
+        )
+    return notes
+
+
+def format_md(rows: Sequence[dict]) -> str:
+    with_peers = any(r["runtime"] != OURS for r in rows)
+    ratios = ratio_columns(rows)
+    columns = ("runtime",) + MD_COLUMNS + tuple(name for name, _ in ratios) if with_peers else MD_COLUMNS
+    right = _MD_RIGHT | {name for name, _ in ratios}
+    cells = [_md_cells(r, with_peers, ratios) for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
 
     def line(values):
@@ -420,27 +552,7 @@ def format_md(rows: Sequence[dict]) -> str:
     ) + " |"
     out = [line(columns), rule] + [line(c) for c in cells]
     if rows:
-        first = rows[0]
-        out.append("")
-        out.append(
-            f"bitnet-run {first['runtime_version']}, kernels: {first['kernels'] or 'not reported by the runtime'}, "
-            f"CPU: {first['cpu']}."
-        )
-        per_model = {}
-        for r in rows:
-            key = r["model"] if r["runtime"] == "bitnet-run" else f"{r['model']} {r['runtime']}"
-            per_model.setdefault(key, r["bytes_per_token"])
-        reads = "; ".join(f"{m} {b / 2**20:.0f} MiB" for m, b in per_model.items())
-        out.append(
-            "ceiling = read bandwidth of that many threads / weight bytes read per generated token "
-            f"({reads}); t/s is mean ± stddev over {first['repetitions']} runs."
-        )
-        if with_peers:
-            versions = sorted({r["runtime_version"] or "?" for r in rows if r["runtime"] != "bitnet-run"})
-            out.append(
-                f"Peers ({', '.join(versions)}) ran interleaved with bitnet-run, run by run, on the same random "
-                "token ids; ours/peer = bitnet-run t/s / that row's t/s. peak RSS is the whole process."
-            )
+        out += [""] + _md_notes(rows, with_peers, ratios)
     return "\n".join(out) + "\n"
 
 

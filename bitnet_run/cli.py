@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
@@ -94,15 +96,22 @@ def _progress() -> Progress:
     )
 
 
-def _convert(src: str, output: Path, weights: str = "i2", head: Optional[str] = None) -> Path:
-    from .convert import ConversionError, convert_checkpoint
-
+@contextmanager
+def _reporting(description: str) -> Iterator[Callable[[int, int, str], None]]:
+    """A progress bar on stderr; yields the progress(done, total, name) callback the file writers take."""
     with _progress() as progress:
-        task = progress.add_task("converting", total=None, item="")
+        task = progress.add_task(description, total=None, item="")
 
         def report(done: int, total: int, name: str) -> None:
             progress.update(task, completed=done, total=total, item=name)
 
+        yield report
+
+
+def _convert(src: str, output: Path, weights: str = "i2", head: Optional[str] = None) -> Path:
+    from .convert import ConversionError, convert_checkpoint
+
+    with _reporting("converting") as report:
         try:
             return convert_checkpoint(src, output, progress=report, weights=weights, head=head)
         except (ConversionError, OSError) as exc:
@@ -262,14 +271,58 @@ def show(model: Optional[Path] = typer.Argument(None, help="Model file (.bnr); d
         )
 
 
+def _cached_or_written(cached: Optional[Path], what: str, bar: str,
+                       write: Callable[[Callable[[int, int, str], None]], Path]) -> Path:
+    """`cached` when there is one; else write(progress) under a progress bar titled `bar`, announced on
+    stderr as writing `what`. A failed write is a one-line error."""
+    if cached is not None:
+        return cached
+    err_console.print(f"writing {what} (once)", highlight=False)
+    try:
+        with _reporting(bar) as report:
+            return write(report)
+    except (OSError, ValueError) as exc:
+        _fail(f"cannot write {what}: {exc}")
+
+
+def _synthetic_model(shape: str, head: str, weights: str, cache_dir: Optional[Path]) -> Path:
+    """The cached synthetic model file of `shape`, written once if absent or stale."""
+    from . import synthetic as syn
+
+    return _cached_or_written(
+        syn.cached_path(shape, cache_dir, head=head, weights=weights),
+        f"the synthetic model {syn.file_name(shape, head, weights)} into {cache_dir or syn.default_cache_dir()}",
+        f"synthetic {shape} {weights}",
+        lambda report: syn.ensure_synthetic(shape, cache_dir, progress=report, head=head, weights=weights),
+    )
+
+
+def _peer_models(shape: str, head: str, cache_dir: Optional[Path]) -> list:
+    """(runtime name, GGUF path, facts) of llama.cpp on `shape` in each TQ type, each GGUF written
+    once if absent or stale, with the head matching ours (bf16 -> F16, q8 -> Q8_0)."""
+    from . import peers as pr
+
+    gguf_head = "f16" if head == "bf16" else "q8_0"
+    out = []
+    for linear_type in pr.LINEAR_TYPES:
+        path = _cached_or_written(
+            pr.cached_gguf(shape, linear_type, gguf_head, cache_dir),
+            f"the llama.cpp GGUF {pr.gguf_file_name(shape, linear_type, gguf_head)}",
+            f"GGUF {shape} {linear_type}",
+            lambda report, lt=linear_type: pr.ensure_gguf(shape, lt, gguf_head, cache_dir, progress=report),
+        )
+        out.append((f"llama.cpp {linear_type}", path, pr.gguf_facts(shape, linear_type, gguf_head)))
+    return out
+
+
 @app.command()
 def bench(
     model: Optional[List[str]] = typer.Option(
         None, "-m", "--model", help="Model file(s) (.bnr): repeat -m or give a comma list. Default: the demo model, "
         "unless --synthetic is given."),
     synthetic: Optional[str] = typer.Option(
-        None, "--synthetic", help="Synthetic random-ternary shape(s), comma list: tiny, large-700m, 2b-4t, 3b, 8b "
-        "(written once into the cache)."),
+        None, "--synthetic", help="Synthetic random-ternary shape(s), comma list: tiny, tiny-tq, large-700m, 2b-4t, "
+        "3b, 8b (written once into the cache)."),
     n_prompt: str = typer.Option("512", "-p", "--n-prompt", help="Prompt lengths for ppN tests: N, A-B, A-B+S, A-B*M, "
                                  "comma lists; 0 = none."),
     n_gen: str = typer.Option("128", "-n", "--n-gen", help="Generated tokens for tgN tests (same syntax); 0 = none."),
@@ -281,6 +334,9 @@ def bench(
                               "A/B: none or llamacpp (llama.cpp TQ2_0 and TQ1_0 through llama-cpp-python)."),
     head: str = typer.Option("bf16", "--head", help="Output head of the synthetic models: bf16 (peers: F16) or q8 "
                              "(peers: Q8_0)."),
+    weights: Optional[str] = typer.Option(
+        None, "--weights", help="Ternary weight encodings of the synthetic models, comma list of i2, tl1, tl2 "
+        "(default: i2). Each is its own file holding the same weights; they run interleaved, test by test."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where synthetic models are cached "
                                              "(default: $XDG_CACHE_HOME/bitnet-run/synthetic)."),
     membw_mib: int = typer.Option(512, "--membw-mib", help="Buffer of the read-bandwidth probe, MiB."),
@@ -306,10 +362,14 @@ def bench(
             raise bn.BenchError(f"--head must be one of {', '.join(syn.HEADS)}, not {head!r}")
         if peer_list and (model or not synthetic):
             raise bn.BenchError("--peers runs only on --synthetic shapes (the same shape is written as GGUF)")
+        if weights is not None and not synthetic:
+            raise bn.BenchError("--weights applies to --synthetic shapes (a -m file keeps the encoding it was "
+                                "converted with)")
+        weight_list = bn.parse_weights(weights) if weights is not None else ["i2"]
         p_list = bn.parse_int_list(n_prompt, "-p")
         n_list = bn.parse_int_list(n_gen, "-n")
         t_list = bn.parse_int_list(threads, "-t", minimum=1) if threads is not None else [os.cpu_count() or 1]
-        shapes = [s.strip() for s in synthetic.split(",")] if synthetic is not None else []
+        shapes = list(dict.fromkeys(s.strip() for s in synthetic.split(","))) if synthetic is not None else []
         for shape in shapes:
             syn.get_shape(shape)
             if peer_list:
@@ -331,40 +391,12 @@ def bench(
         _fail(str(exc))
 
     for shape in shapes:
+        # one label for every encoding of a shape: they form one group, timed with the same peers
         label = f"synthetic {shape}" if head == "bf16" else f"synthetic {shape} {head} head"
+        for encoding in weight_list:
+            spec.models.append((label, _synthetic_model(shape, head, encoding, cache_dir)))
         if peer_list:
-            from . import peers as pr
-
-            gguf_head = "f16" if head == "bf16" else "q8_0"
-            spec.peers[label] = []
-            for linear_type in pr.LINEAR_TYPES:
-                gguf_path = (Path(cache_dir) if cache_dir else syn.default_cache_dir()) / f"{shape}-{linear_type.lower()}-{gguf_head}.gguf"
-                if not (gguf_path.is_file() and pr._gguf_cached_ok(gguf_path, syn.get_shape(shape), linear_type, gguf_head, 0)):
-                    err_console.print(f"writing the llama.cpp GGUF of {shape} ({linear_type}, {gguf_head} head) (once)",
-                                      highlight=False)
-                try:
-                    gguf_path = pr.ensure_gguf(shape, linear_type, gguf_head, cache_dir)
-                except (OSError, ValueError) as exc:
-                    _fail(f"cannot write the GGUF of {shape}: {exc}")
-                spec.peers[label].append((f"llama.cpp {linear_type}", gguf_path,
-                                          pr.gguf_facts(shape, linear_type, gguf_head)))
-        path = syn.cached_path(shape, cache_dir, head=head)
-        if path is not None:
-            spec.models.append((label, path))
-            continue
-        err_console.print(f"writing the synthetic model {shape} into {cache_dir or syn.default_cache_dir()} (once)",
-                          highlight=False)
-        try:
-            with _progress() as progress:
-                task = progress.add_task(f"synthetic {shape}", total=None, item="")
-
-                def report(done: int, total: int, name: str) -> None:
-                    progress.update(task, completed=done, total=total, item=name)
-
-                path = syn.ensure_synthetic(shape, cache_dir, progress=report, head=head)
-        except OSError as exc:
-            _fail(f"cannot write the synthetic model {shape}: {exc}")
-        spec.models.append((label, path))
+            spec.peers[label] = _peer_models(shape, head, cache_dir)
 
     def log(message: str) -> None:
         err_console.print(f"[dim]bench: {message}[/]", highlight=False)

@@ -185,24 +185,32 @@ def _gguf_cached_ok(path: Path, shape: syn.Shape, linear_type: str, head: str, s
                       "bitnet_run.head": head}
 
 
+def gguf_file_name(shape: syn.Shape | str, linear_type: str = "TQ2_0", head: str = "q8_0") -> str:
+    """The cache file name: <shape>-<linear>-<head>.gguf."""
+    name = shape if isinstance(shape, str) else shape.name
+    return f"{name}-{linear_type.lower()}-{head}.gguf"
+
+
+def cached_gguf(shape: syn.Shape | str, linear_type: str = "TQ2_0", head: str = "q8_0",
+                cache_dir: str | os.PathLike | None = None, seed: int = 0) -> Path | None:
+    """The cached GGUF of `shape` when it is there and current, else None."""
+    s = syn.get_shape(shape) if isinstance(shape, str) else shape
+    directory = Path(cache_dir) if cache_dir is not None else syn.default_cache_dir()
+    path = directory / gguf_file_name(s, linear_type, head)
+    return path if path.is_file() and _gguf_cached_ok(path, s, linear_type, head, seed) else None
+
+
 def ensure_gguf(shape: syn.Shape | str, linear_type: str = "TQ2_0", head: str = "q8_0",
                 cache_dir: str | os.PathLike | None = None, seed: int = 0,
                 progress: Callable[[int, int, str], None] | None = None) -> Path:
     """The cached GGUF <cache_dir>/<shape>-<linear>-<head>.gguf, written once (atomically) if absent or stale."""
     s = syn.get_shape(shape) if isinstance(shape, str) else shape
+    cached = cached_gguf(s, linear_type, head, cache_dir, seed)
+    if cached is not None:
+        return cached
     directory = Path(cache_dir) if cache_dir is not None else syn.default_cache_dir()
-    path = directory / f"{s.name}-{linear_type.lower()}-{head}.gguf"
-    if path.is_file() and _gguf_cached_ok(path, s, linear_type, head, seed):
-        return path
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        write_gguf(s, tmp, linear_type, head, seed=seed, progress=progress)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return syn.write_atomically(directory / gguf_file_name(s, linear_type, head),
+                                lambda tmp: write_gguf(s, tmp, linear_type, head, seed=seed, progress=progress))
 
 
 # --------------------------------------------------------------------------- llama.cpp runner
@@ -265,7 +273,8 @@ def time_llamacpp(path: str | os.PathLike, n_prompt: int, n_gen: int, n_threads:
 
 def gguf_facts(shape: syn.Shape | str, linear_type: str, head: str) -> dict:
     """Sizes of the GGUF of `shape` from the plan: params, bits per weight of the ternary linears,
-    weight bytes one generated token reads (as bench.model_facts counts them), and a model_type."""
+    weight bytes one generated token reads (as bench.model_facts counts them), the linears' type
+    (`weights`) and a model_type."""
     import gguf
 
     s = syn.get_shape(shape) if isinstance(shape, str) else shape
@@ -287,6 +296,7 @@ def gguf_facts(shape: syn.Shape | str, linear_type: str, head: str) -> dict:
             per_token += nb
     return {
         "n_params": n_params, "linear_bpw": linear_bytes * 8 / linear_params, "bytes_per_token": per_token,
+        "weights": linear_type,
         "model_type": f"bitnet {s.hidden_size}x{s.n_layers}L {'tied' if s.tied_embeddings else 'untied'} "
                       f"{linear_type} {head.upper()} head (llama.cpp graph: SiLU FFN)",
     }

@@ -3,6 +3,8 @@ straight from numpy into a packed .bnr file (no download, no torch) and cached.
 
 The weights are meaningless (the text they generate is noise) but every tensor has the shape,
 encoding and size of the real model, so the runtime does exactly the work it does for the real one.
+The ternary linears can be written in any of the file format's encodings (I2, TL1, TL2); for one
+seed every encoding holds the same weights, so files that differ only in encoding are the same model.
 """
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ from . import fileformat as ff
 SYNTHETIC_FORMAT = 1  # bump when the files written here change, so stale caches are rewritten
 EMBEDDING_STD = 0.02
 EMBEDDING_CHUNK_ROWS = 4096
+# Rows re-encoded at a time from I2 to TL1/TL2: a whole number of TL tiles, and tens of MB of
+# temporaries on the widest matrix (8b's 14336 columns) instead of GBs for the whole matrix.
+TERNARY_CHUNK_ROWS = 32 * ff.TL_TILE
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,10 @@ SHAPES: dict[str, Shape] = {
     for s in (
         Shape("tiny", 1024, 256, 688, 2, 4, 2, True, 512, 500000.0,
               "tiny test shape for CI smoke runs"),
+        # every matrix row (256 or 768 weights) is whole 256-weight GGUF TQ2_0/TQ1_0 blocks, so
+        # `--peers llamacpp` can be smoke-tested on it (tiny's 688-wide FFN rows cannot)
+        Shape("tiny-tq", 1024, 256, 768, 2, 4, 2, True, 512, 500000.0,
+              "tiny test shape whose rows are whole GGUF TQ blocks, for CI smoke runs with peers"),
         Shape("large-700m", 32002, 1536, 4096, 24, 16, 16, True, 2048, 10000.0,
               "1bitLLM/bitnet_b1_58-large dimensions"),
         Shape("2b-4t", 128256, 2560, 6912, 30, 20, 5, True, 4096, 500000.0,
@@ -89,13 +98,17 @@ def get_shape(name: str) -> Shape:
 
 
 HEADS = ("bf16", "q8")  # output head encodings a synthetic file can have
+WEIGHTS = tuple(ff.WEIGHT_ENCODINGS)  # ternary linear encodings a synthetic file can have: i2, tl1, tl2
 
 
-def tensor_plan(shape: Shape | str, head: str = "bf16") -> list[PlannedTensor]:
+def tensor_plan(shape: Shape | str, head: str = "bf16", weights: str = "i2") -> list[PlannedTensor]:
     """Every tensor of the file in write order (docs/format.md), without writing anything. `head`:
-    "bf16" or "q8" (Q8_R), the encoding of the output head (the tied embedding, else lm_head)."""
+    "bf16" or "q8" (Q8_R), the encoding of the output head (the tied embedding, else lm_head);
+    `weights`: "i2", "tl1" or "tl2", the encoding of the ternary linears."""
     if head not in HEADS:
         raise ValueError(f"unknown synthetic head {head!r} (known: {', '.join(HEADS)})")
+    if weights not in WEIGHTS:
+        raise ValueError(f"unknown synthetic weight encoding {weights!r} (known: {', '.join(WEIGHTS)})")
     s = get_shape(shape) if isinstance(shape, str) else shape
     H, I, D = s.hidden_size, s.intermediate_size, s.head_dim
     q, kv = s.n_heads * D, s.n_kv_heads * D
@@ -113,13 +126,13 @@ def tensor_plan(shape: Shape | str, head: str = "bf16") -> list[PlannedTensor]:
         for suffix, dims in (("self_attn.q_proj", (q, H)), ("self_attn.k_proj", (kv, H)),
                              ("self_attn.v_proj", (kv, H)), ("self_attn.o_proj", (H, q)),
                              ("mlp.gate_proj", (I, H)), ("mlp.up_proj", (I, H)), ("mlp.down_proj", (H, I))):
-            plan.append(PlannedTensor(f"{L}.{suffix}.weight", LINEAR, ff.ENCODING_I2, dims))
+            plan.append(PlannedTensor(f"{L}.{suffix}.weight", LINEAR, ff.WEIGHT_ENCODINGS[weights], dims))
     return plan
 
 
-def plan_summary(shape: Shape | str) -> dict:
-    """Parameter counts and data bytes of a shape, from the plan alone."""
-    plan = tensor_plan(shape)
+def plan_summary(shape: Shape | str, weights: str = "i2") -> dict:
+    """Parameter counts and data bytes of a shape with `weights`-encoded linears, from the plan alone."""
+    plan = tensor_plan(shape, weights=weights)
     linear = [t for t in plan if t.kind == LINEAR]
     return {
         "params": sum(t.numel for t in plan),
@@ -140,14 +153,37 @@ _VALID_I2_BYTES = np.array(
 )
 
 
-def _random_ternary(rng: np.random.Generator, dims: tuple[int, int]) -> ff.TensorData:
+def _random_i2(rng: np.random.Generator, dims: tuple[int, int]) -> np.ndarray:
+    """Uniform random ternary weights [out, in], I2-packed."""
     out_features, in_features = dims
     if in_features % 4 == 0:
-        packed = _VALID_I2_BYTES[rng.integers(0, 81, size=(out_features, in_features // 4), dtype=np.uint8)]
-    else:
-        packed = ff.pack_i2(rng.integers(-1, 2, size=dims, dtype=np.int8))
+        return _VALID_I2_BYTES[rng.integers(0, 81, size=(out_features, in_features // 4), dtype=np.uint8)]
+    return ff.pack_i2(rng.integers(-1, 2, size=dims, dtype=np.int8))
+
+
+def _reencode_i2(i2: np.ndarray, dims: tuple[int, int], encoding: int) -> np.ndarray:
+    """The same ternary matrix in another encoding, converted TERNARY_CHUNK_ROWS rows at a time so
+    that the int8 weights of a large matrix are never all in memory. TL1/TL2 lay out whole tiles of
+    rows one after another, so the encodings of consecutive tile-aligned row blocks concatenate."""
+    rows, cols = dims
+    pack = ff.TERNARY_PACKERS[encoding]
+    out = np.empty(ff.encoded_nbytes(encoding, dims), dtype=np.uint8)
+    offset = 0
+    for start in range(0, rows, TERNARY_CHUNK_ROWS):
+        chunk = pack(ff.unpack_i2(i2[start : start + TERNARY_CHUNK_ROWS], cols)).reshape(-1)
+        out[offset : offset + chunk.size] = chunk
+        offset += chunk.size
+    return out
+
+
+def _random_ternary(rng: np.random.Generator, dims: tuple[int, int], encoding: int = ff.ENCODING_I2) -> ff.TensorData:
+    """Uniform random ternary weights in `encoding`. They are always drawn as I2 first, so a seed gives
+    the same weights (and leaves the generator in the same state) whatever the encoding."""
+    packed = _random_i2(rng, dims)
+    if encoding != ff.ENCODING_I2:
+        packed = _reencode_i2(packed, dims, encoding)
     # keeps activations near unit scale through the layers (2/3 of random ternary weights are nonzero)
-    return ff.TensorData(packed, 1.0 / math.sqrt(in_features * 2.0 / 3.0))
+    return ff.TensorData(packed, 1.0 / math.sqrt(dims[1] * 2.0 / 3.0))
 
 
 def _random_bf16(rng: np.random.Generator, dims: tuple[int, int]) -> ff.TensorData:
@@ -175,7 +211,7 @@ def _random_q8r(rng: np.random.Generator, dims: tuple[int, int]) -> ff.TensorDat
 
 def _producer(t: PlannedTensor, rng: np.random.Generator) -> Callable[[], ff.TensorData]:
     if t.kind == LINEAR:
-        return lambda: _random_ternary(rng, t.dims)
+        return lambda: _random_ternary(rng, t.dims, t.encoding)
     if t.kind == EMBEDDING and t.encoding == ff.ENCODING_Q8R:
         return lambda: _random_q8r(rng, t.dims)
     if t.kind == EMBEDDING:
@@ -210,9 +246,10 @@ def default_cache_dir() -> Path:
 
 
 def write_synthetic(shape: Shape | str, path: str | os.PathLike, seed: int = 0,
-                    progress: Callable[[int, int, str], None] | None = None, head: str = "bf16") -> Path:
+                    progress: Callable[[int, int, str], None] | None = None, head: str = "bf16",
+                    weights: str = "i2") -> Path:
     """Write a random ternary model of `shape` to `path` (streamed tensor by tensor), its output
-    head in `head` encoding ("bf16" or "q8")."""
+    head in `head` encoding ("bf16" or "q8"), its linears in `weights` encoding ("i2", "tl1", "tl2")."""
     s = get_shape(shape) if isinstance(shape, str) else shape
     rng = np.random.default_rng(seed)
     w = ff.Writer()
@@ -241,50 +278,69 @@ def write_synthetic(shape: Shape | str, path: str | os.PathLike, seed: int = 0,
     w.add_string("synthetic.shape", s.name)
     w.add_u32("synthetic.format", SYNTHETIC_FORMAT)
     w.add_u32("synthetic.seed", seed)
+    # written only when not the default, so that files written before these keys existed stay current
     if head != "bf16":
         w.add_string("synthetic.head", head)
-    for t in tensor_plan(s, head):
+    if weights != "i2":
+        w.add_string("synthetic.weights", weights)
+    for t in tensor_plan(s, head, weights):
         w.add_tensor(t.name, t.encoding, t.dims, _producer(t, rng))
     w.write(path, progress=progress)
     return Path(path)
 
 
-def _cached_ok(path: Path, shape: Shape, seed: int, head: str = "bf16") -> bool:
+def _cached_ok(path: Path, shape: Shape, seed: int, head: str = "bf16", weights: str = "i2") -> bool:
     try:
         header = ff.read_header(path)
     except ValueError:
         return False
     meta = header.metadata
     return (meta.get("synthetic.shape") == shape.name and meta.get("synthetic.format") == SYNTHETIC_FORMAT
-            and meta.get("synthetic.seed") == seed and meta.get("synthetic.head", "bf16") == head)
+            and meta.get("synthetic.seed") == seed and meta.get("synthetic.head", "bf16") == head
+            and meta.get("synthetic.weights", "i2") == weights)
 
 
-def _file_name(shape: Shape, head: str) -> str:
-    return f"{shape.name}.bnr" if head == "bf16" else f"{shape.name}-{head}.bnr"
+def file_name(shape: Shape | str, head: str = "bf16", weights: str = "i2") -> str:
+    """The cache file name: <shape>[-<weights>][-<head>].bnr, each part only when not the default
+    (i2, bf16), so 2b-4t.bnr, 2b-4t-q8.bnr, 2b-4t-tl1.bnr, 2b-4t-tl2-q8.bnr."""
+    parts = [shape if isinstance(shape, str) else shape.name]
+    if weights != "i2":
+        parts.append(weights)
+    if head != "bf16":
+        parts.append(head)
+    return "-".join(parts) + ".bnr"
 
 
 def cached_path(shape: Shape | str, cache_dir: str | os.PathLike | None = None, seed: int = 0,
-                head: str = "bf16") -> Path | None:
-    """The cached file of `shape` (with a `head` output head) when it is there and current, else None."""
+                head: str = "bf16", weights: str = "i2") -> Path | None:
+    """The cached file of `shape` (with a `head` output head and `weights` linears) when it is there
+    and current, else None."""
     s = get_shape(shape) if isinstance(shape, str) else shape
-    path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / _file_name(s, head)
-    return path if path.is_file() and _cached_ok(path, s, seed, head) else None
+    path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / file_name(s, head, weights)
+    return path if path.is_file() and _cached_ok(path, s, seed, head, weights) else None
 
 
 def ensure_synthetic(shape: Shape | str, cache_dir: str | os.PathLike | None = None, seed: int = 0,
-                     progress: Callable[[int, int, str], None] | None = None, head: str = "bf16") -> Path:
-    """The cached file of `shape` (<cache_dir>/<shape>.bnr, or <shape>-q8.bnr with head="q8"), written
-    once if absent or stale. The file appears atomically (written under a temporary name, then renamed)."""
+                     progress: Callable[[int, int, str], None] | None = None, head: str = "bf16",
+                     weights: str = "i2") -> Path:
+    """The cached file of `shape` (<cache_dir>/<file_name(shape, head, weights)>), written once if
+    absent or stale. The file appears atomically (written under a temporary name, then renamed)."""
     s = get_shape(shape) if isinstance(shape, str) else shape
-    cached = cached_path(s, cache_dir, seed, head)
+    cached = cached_path(s, cache_dir, seed, head, weights)
     if cached is not None:
         return cached
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = directory / _file_name(s, head)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{path.name}.tmp-{os.getpid()}"
+    return write_atomically(directory / file_name(s, head, weights),
+                            lambda tmp: write_synthetic(s, tmp, seed=seed, progress=progress, head=head, weights=weights))
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
+    """Calls write(tmp) with a temporary name next to `path`, then renames it to `path`: a reader of
+    the cache never sees a half-written file, and a failed write leaves nothing behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
-        write_synthetic(s, tmp, seed=seed, progress=progress, head=head)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

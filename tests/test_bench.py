@@ -157,7 +157,7 @@ def _check_rows(rows: list[dict]):
     assert [(r["n_threads"], r["test"]) for r in rows] == [(1, "pp8"), (1, "tg4"), (2, "pp8"), (2, "tg4")]
     for r in rows:
         assert set(bench.FIELDS) <= set(r)
-        assert r["runtime"] == "bitnet-run" and r["model"] == "synthetic tiny"
+        assert r["runtime"] == "bitnet-run" and r["model"] == "synthetic tiny" and r["weights"] == "I2"
         assert r["kernels"] == bench.kernels_name()  # the variant the runtime reports, or None
         assert r["model_n_params"] == syn.plan_summary("tiny")["params"]
         assert r["linear_bpw"] == 2.0 and r["repetitions"] == 2 and len(r["samples_ts"]) == 2
@@ -210,7 +210,7 @@ def test_bench_markdown(cache_dir, tiny_path):
         mean, std = re.fullmatch(r"(\S+) ± (\S+)", r["t/s"]).groups()
         assert _positive(float(mean)) and float(std) >= 0
         assert _positive(float(r["read GB/s"]))
-        assert r["bpw"] == "2.00" and r["model"] == "synthetic tiny"
+        assert r["bpw"] == "2.00" and r["model"] == "synthetic tiny" and r["weights"] == "I2"
         if r["test"] == "tg4":
             assert _positive(float(r["ceiling t/s"])) and _positive(float(r["% of ceiling"].rstrip("%")))
         else:
@@ -241,6 +241,9 @@ def test_bench_cross_product_of_models_and_lists(cache_dir, tiny_path):
     (["--synthetic", "nope"], "unknown synthetic shape 'nope'"),
     (["-m", "/nonexistent/model.bnr"], "no such model file"),
     (["--peers", "vllm"], "unknown peer 'vllm'"),
+    (["--weights", "i2,tl3"], "--weights: unknown encoding 'tl3' (expected a comma list of i2, tl1, tl2)"),
+    (["--weights", "i2,"], "--weights: unknown encoding ''"),
+    (["-m", "models/demo/demo.bnr", "--weights", "tl1"], "--weights applies to --synthetic shapes"),
     (["-p", "100000", "-n", "0"], "pp100000 needs 100000 positions but the model's context length is 512"),
 ])
 def test_bad_arguments_are_one_line(cache_dir, args, message):
@@ -288,3 +291,121 @@ def test_bench_q8_head(cache_dir):
     assert all(ff.read_header(r["model_path"]).metadata.get("synthetic.head") == "q8" for r in rows)
     bad = _invoke(cache_dir, "--head", "q4", "-r", "1")
     assert bad.exit_code == 1 and "--head must be one of" in bad.stderr
+
+
+# --------------------------------------------------------------------------- ternary encodings (--weights)
+
+
+@pytest.fixture(scope="module")
+def encodings_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("synthetic-encodings")
+
+
+def test_cache_file_names():
+    """i2 and bf16 are left out of the name, so the files written before --weights keep their names."""
+    assert [syn.file_name("2b-4t", head, weights) for weights in syn.WEIGHTS for head in syn.HEADS] == [
+        "2b-4t.bnr", "2b-4t-q8.bnr", "2b-4t-tl1.bnr", "2b-4t-tl1-q8.bnr", "2b-4t-tl2.bnr", "2b-4t-tl2-q8.bnr"]
+
+
+def test_every_encoding_holds_the_same_model(encodings_cache):
+    """For one seed the I2, TL1 and TL2 files hold the same ternary weights, scales and embedding, and
+    the runtime's exact integer accumulation gives the same logits from each."""
+    paths = {w: syn.ensure_synthetic("tiny", encodings_cache, weights=w) for w in syn.WEIGHTS}
+    assert {w: p.name for w, p in paths.items()} == {"i2": "tiny.bnr", "tl1": "tiny-tl1.bnr", "tl2": "tiny-tl2.bnr"}
+    headers = {w: ff.read_header(p) for w, p in paths.items()}
+    assert "synthetic.weights" not in headers["i2"].metadata  # an i2 file is the one written before --weights
+    assert headers["tl1"].metadata["synthetic.weights"] == "tl1"
+    for name in ("model.layers.0.self_attn.k_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        info = headers["i2"].tensor(name)
+        rows, cols = info.dims
+        w_i2 = ff.unpack_i2(ff.read_tensor(headers["i2"], name), cols)
+        assert np.array_equal(ff.unpack_tl1(ff.read_tensor(headers["tl1"], name), rows, cols), w_i2)
+        assert np.array_equal(ff.unpack_tl2(ff.read_tensor(headers["tl2"], name), rows, cols), w_i2)
+        assert headers["tl1"].tensor(name).encoding == ff.ENCODING_TL1
+        assert headers["tl2"].tensor(name).scale == headers["tl1"].tensor(name).scale == info.scale
+    embedding = {w: ff.read_tensor(h, "model.embed_tokens.weight") for w, h in headers.items()}
+    assert np.array_equal(embedding["i2"], embedding["tl1"]) and np.array_equal(embedding["i2"], embedding["tl2"])
+    tokens = np.arange(12)
+    logits = {w: Model(p, n_threads=1, n_ctx=16)._eval(tokens, 0, all_logits=True) for w, p in paths.items()}
+    np.testing.assert_array_equal(logits["tl1"], logits["i2"])
+    np.testing.assert_array_equal(logits["tl2"], logits["i2"])
+
+
+def test_tl_reencoding_in_row_chunks_matches_whole_matrix_packing(monkeypatch):
+    """Large matrices are re-encoded a few tiles of rows at a time; the bytes are those of packing
+    the whole matrix at once (row counts that are and are not multiples of the 32-row tile)."""
+    monkeypatch.setattr(syn, "TERNARY_CHUNK_ROWS", 64)
+    for dims in ((200, 100), (128, 257)):
+        i2 = syn._random_i2(np.random.default_rng(1), dims)
+        weights = ff.unpack_i2(i2, dims[1])
+        for encoding in (ff.ENCODING_TL1, ff.ENCODING_TL2):
+            packed = syn._reencode_i2(i2, dims, encoding)
+            assert np.array_equal(packed, ff.TERNARY_PACKERS[encoding](weights)), (dims, encoding)
+
+
+def test_tl_reencoding_memory_is_the_output_and_one_chunk(monkeypatch):
+    """What keeps writing the 8b shape in TL1/TL2 from holding GBs: the peak is the encoded matrix plus
+    one chunk's temporaries (packing the whole int8 matrix at once takes ~20x the encoded size)."""
+    import tracemalloc
+
+    monkeypatch.setattr(syn, "TERNARY_CHUNK_ROWS", 64)
+    dims = (2048, 1024)
+    i2 = syn._random_i2(np.random.default_rng(1), dims)
+    for encoding in (ff.ENCODING_TL1, ff.ENCODING_TL2):
+        tracemalloc.start()
+        try:
+            syn._reencode_i2(i2, dims, encoding)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 3 * ff.encoded_nbytes(encoding, dims), (encoding, peak)
+
+
+def test_bench_weights_smoke(encodings_cache):
+    """--weights tl1,tl2,i2: the three files of one shape run side by side, test by test, in that
+    order, each row naming its encoding; no peers, so no ratios."""
+    result = runner.invoke(app, ["bench", "--synthetic", "tiny", "--cache-dir", str(encodings_cache),
+                                 "--weights", "tl1,tl2,i2", "-p", "8", "-n", "4", "-r", "1", "-t", "1,2",
+                                 "--membw-mib", "16", "-o", "json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [(r["n_threads"], r["test"], r["weights"]) for r in rows] == [
+        (t, test, w) for t in (1, 2) for test in ("pp8", "tg4") for w in ("TL1", "TL2", "I2")]
+    by_weights = {}
+    for r in rows:
+        assert tuple(r) == bench.FIELDS and r["model"] == "synthetic tiny" and r["runtime"] == "bitnet-run"
+        assert r["model_path"].endswith({"TL1": "tiny-tl1.bnr", "TL2": "tiny-tl2.bnr", "I2": "tiny.bnr"}[r["weights"]])
+        for key in ("avg_ts", "membw_gbps", "decode_ceiling_ts", "peak_rss_mib", "model_size", "bytes_per_token",
+                    "linear_bpw", "model_n_params"):
+            assert _positive(r[key]), (key, r[key])
+        assert all(_positive(x) for x in r["samples_ts"]) and r["stddev_ts"] == 0
+        assert r["ratio_vs"] is None and all(r[key] is None for key in bench.RATIO_FIELDS.values())
+        by_weights.setdefault(r["weights"], r)
+    facts = {w: bench.model_facts(r["model_path"], w) for w, r in by_weights.items()}
+    assert {w: f.weights for w, f in facts.items()} == {"TL1": "TL1", "TL2": "TL2", "I2": "I2"}
+    assert {w: r["linear_bpw"] for w, r in by_weights.items()} == {w: f.linear_bpw for w, f in facts.items()}
+    assert by_weights["TL2"]["linear_bpw"] < by_weights["I2"]["linear_bpw"] == 2.0  # 1.67 bits + tile padding
+
+    md = runner.invoke(app, ["bench", "--synthetic", "tiny", "--cache-dir", str(encodings_cache), "--weights",
+                             "tl2,i2", "-p", "8", "-n", "0", "-r", "1", "-t", "1", "--membw-mib", "16"])
+    assert md.exit_code == 0, md.output
+    table = [[c.strip() for c in line.strip("|").split("|")] for line in md.stdout.splitlines() if line.startswith("|")]
+    assert tuple(table[0]) == bench.MD_COLUMNS
+    assert [dict(zip(table[0], row))["weights"] for row in table[2:]] == ["TL2", "I2"]
+
+
+def test_bench_model_file_shows_its_encoding(encodings_cache):
+    """A -m file of any encoding: the report names the encoding read from the file's tensors."""
+    path = syn.ensure_synthetic("tiny", encodings_cache, weights="tl2")
+    result = runner.invoke(app, ["bench", "-m", str(path), "-p", "4", "-n", "0", "-r", "1", "-t", "1",
+                                 "--membw-mib", "16", "--no-warmup", "-o", "json"])
+    assert result.exit_code == 0, result.output
+    assert [(r["model"], r["weights"]) for r in json.loads(result.stdout)] == [("tiny-tl2", "TL2")]
+
+
+def test_ratio_columns():
+    """One encoding of ours: the `ours/peer` column of before; several: one column per encoding."""
+    ours = [{"runtime": "bitnet-run", "weights": w} for w in ("I2", "TL1")]
+    peer = [{"runtime": "llama.cpp TQ2_0", "weights": "TQ2_0"}]
+    assert bench.ratio_columns(ours[:1] + peer) == [("ours/peer", "ratio_vs")]
+    assert bench.ratio_columns(ours + peer) == [("I2/peer", "ratio_vs_i2"), ("TL1/peer", "ratio_vs_tl1")]
