@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Plot the JSON output of `bitnet-run bench -o json` (peer rows included) as one PNG, two panels:
 
-- tokens/s against thread count: a line per model, runtime/encoding and test (pp solid, tg dashed);
+- tokens/s against thread count: a line per model, runtime/encoding and test (pp solid, tg dashed),
+  or per runtime/encoding and test of one model (--threads-model);
 - tokens/s against model size (parameters, or file bytes with --size bytes) at one thread count
   (--threads, default the largest in the data): a line per runtime/encoding and test.
 
     python bench/plot.py docs/bench/*.json -o docs/benchmarks.png [--threads N] [--size params|bytes]
+        [--threads-model MODEL]
 
 Every point is one row of the input: its avg_ts, with its stddev_ts as an error bar. Nothing is
 computed beyond that (lines only join measured points), and two rows for the same point are an
@@ -108,7 +110,7 @@ def plot_threads(ax, rows: list[dict], colors: dict[str, str]) -> None:
     ax.set_xlabel("threads")
     ax.set_xticks(sorted({r["n_threads"] for r in rows}))
     ax.set_ylabel("tokens/s")
-    ax.set_title("tokens/s vs threads")
+    ax.set_title("tokens/s vs threads" + ("" if several_models else f", {rows[0]['model']}"))
 
 
 def _check_one_per_size(line: list[dict], x_field: str) -> None:
@@ -140,7 +142,8 @@ def _title(rows: list[dict]) -> str:
     return "bitnet-run bench" + (f": {cpus[0]}" if len(cpus) == 1 else f" ({len(cpus)} CPUs)" if cpus else "")
 
 
-def plot(rows: list[dict], out: Path, threads: int | None = None, size: str = "params") -> None:
+def plot(rows: list[dict], out: Path, threads: int | None = None, size: str = "params",
+         threads_model: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
@@ -151,11 +154,17 @@ def plot(rows: list[dict], out: Path, threads: int | None = None, size: str = "p
     threads = available[-1] if threads is None else threads
     if threads not in available:
         raise PlotError(f"--threads {threads}: no rows at that thread count (the data has {', '.join(map(str, available))})")
+    thread_rows = rows
+    if threads_model is not None:  # one model's lines only: several models' would crowd the panel
+        thread_rows = [r for r in rows if r["model"] == threads_model]
+        if not thread_rows:
+            models = ", ".join(sorted({r["model"] for r in rows}))
+            raise PlotError(f"--threads-model {threads_model!r}: no rows of that model (the data has {models})")
     names = sorted({series(r) for r in rows}, key=lambda n: (not n.startswith(OURS), n))
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colors = {name: cycle[i % len(cycle)] for i, name in enumerate(names)}
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5))
-    plot_threads(left, rows, colors)
+    plot_threads(left, thread_rows, colors)
     plot_sizes(right, rows, colors, threads, size)
     for ax in (left, right):
         ax.grid(True, alpha=0.3)
@@ -174,9 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="thread count of the size panel (default: the largest in the data)")
     parser.add_argument("--size", choices=tuple(SIZE_FIELDS), default="params",
                         help="x axis of the size panel: parameters or file bytes (default: params)")
+    parser.add_argument("--threads-model", help="plot only this model (e.g. 'synthetic 2b-4t') in the threads panel "
+                        "(default: every model)")
     args = parser.parse_args(argv)
     try:
-        plot(load_rows(args.inputs), args.output, args.threads, args.size)
+        plot(load_rows(args.inputs), args.output, args.threads, args.size, args.threads_model)
     except (PlotError, OSError) as exc:
         parser.exit(1, f"{parser.prog}: error: {exc}\n")
     return 0

@@ -34,7 +34,7 @@ def _plot(*args):
 
 def test_plot_writes_a_png(bench_json, tmp_path):
     out = tmp_path / "bench.png"
-    result = _plot(bench_json, "-o", out, "--threads", "1", "--size", "bytes")
+    result = _plot(bench_json, "-o", out, "--threads", "1", "--size", "bytes", "--threads-model", "synthetic tiny")
     assert result.returncode == 0, result.stderr
     data = out.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
@@ -44,11 +44,13 @@ def test_plot_writes_a_png(bench_json, tmp_path):
     ("not_bench", "not the output of `bitnet-run bench -o json`"),
     ("twice", "appears twice"),
     ("threads", "--threads 3: no rows at that thread count (the data has 1, 2)"),
+    ("model", "--threads-model 'nope': no rows of that model (the data has synthetic tiny)"),
 ])
 def test_plot_errors_are_one_line(bench_json, tmp_path, case, message):
-    inputs = {"not_bench": [tmp_path / "other.json"], "twice": [bench_json, bench_json], "threads": [bench_json]}[case]
+    inputs = {"not_bench": [tmp_path / "other.json"], "twice": [bench_json, bench_json], "threads": [bench_json],
+              "model": [bench_json]}[case]
     (tmp_path / "other.json").write_text('{"runtime": "x"}')
-    extra = ["--threads", "3"] if case == "threads" else []
+    extra = {"threads": ["--threads", "3"], "model": ["--threads-model", "nope"]}.get(case, [])
     result = _plot(*inputs, "-o", tmp_path / "out.png", *extra)
     assert result.returncode == 1 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -43,6 +43,6 @@ void bn_attention_head(float *out, const float *q, const float *k, const float *
                        uint32_t n_pos, uint32_t D, float scale, float *att);
 
 /* g[n] = relu(g)^2 * u (squared-ReLU gate). */
-void bn_relu2_gate(float *g, const float *u, uint32_t n);
+void bn_relu2_gate(float *restrict g, const float *restrict u, uint32_t n);
 
 #endif

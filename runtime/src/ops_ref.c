@@ -106,9 +106,16 @@ void bn_attention_head(float *out, const float *q, const float *k, const float *
     }
 }
 
-void bn_relu2_gate(float *g, const float *u, uint32_t n) {
+void bn_relu2_gate(float *restrict g, const float *restrict u, uint32_t n) {
+    /* relu(g) = g > 0 ? g : 0 decided on the bits, which the compiler vectorizes (it does not
+     * if-convert a float compare under the default -ftrapping-math): g > 0 exactly when its bits,
+     * read as int32, lie in (0, +inf]; NaNs and negatives become +0. */
     for (uint32_t i = 0; i < n; i++) {
-        float r = g[i] > 0.0f ? g[i] : 0.0f;
+        int32_t bits;
+        memcpy(&bits, &g[i], sizeof bits);
+        bits &= -(int32_t)((bits > 0) & (bits <= 0x7f800000));
+        float r;
+        memcpy(&r, &bits, sizeof r);
         g[i] = (r * r) * u[i];
     }
 }
