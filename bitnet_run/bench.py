@@ -620,7 +620,7 @@ def check_peers(peers: str) -> list[str]:
 # --------------------------------------------------------------------------- kernel micro-benchmarks
 
 KERNEL_FIELDS = ("model", "name", "rows", "cols", "n_tok", "variant", "threads", "encoding", "seconds",
-                 "best_seconds", "weight_gbps", "gmacs", "speedup")
+                 "best_seconds", "weight_gbps", "gmacs", "speedup", "membw_gbps", "pct_of_membw")
 
 
 def linear_shapes(path: Path) -> dict[str, list[tuple[str, int, int]]]:
@@ -652,8 +652,11 @@ def run_kernels(spec: BenchSpec, log: Callable[[str], None] | None = None) -> li
         for encoding, shapes in linear_shapes(path).items():
             for t in spec.threads:
                 log(f"{label}: {encoding} kernels on {len(shapes)} shapes, {t} thread(s)")
+                gbps = membw_gbps(t, spec.membw_bytes)  # the read bandwidth these threads can get
                 for r in time_kernels(shapes, threads=t, repeats=spec.repetitions, n_toks=n_toks,
                                       encoding=encoding, cold_bytes=spec.membw_bytes):
+                    pct = 100.0 * r["weight_gbps"] / gbps if gbps > 0 else None
+                    r = {**r, "membw_gbps": gbps, "pct_of_membw": pct}
                     rows.append({"model": label, **{k: r[k] for k in KERNEL_FIELDS if k != "model"}})
     return rows
 
@@ -667,11 +670,14 @@ def format_kernel_rows(rows: Sequence[dict], output: str) -> str:
         writer.writeheader()
         writer.writerows(rows)
         return buf.getvalue()
-    head = ("model", "shape", "rows", "cols", "n_tok", "encoding", "kernel", "threads", "ms/call", "GB/s", "GMAC/s", "x ref")
+    head = ("model", "shape", "rows", "cols", "n_tok", "encoding", "kernel", "threads", "ms/call", "GB/s", "GMAC/s", "x ref",
+            "read GB/s", "% of read")
     lines = ["| " + " | ".join(head) + " |", "| --- | --- |" + " ---: |" * (len(head) - 2)]
     for r in rows:
+        pct = "" if r["pct_of_membw"] is None else f"{r['pct_of_membw']:.0f}%"
         lines.append(
             f"| {r['model']} | {r['name']} | {r['rows']} | {r['cols']} | {r['n_tok']} | {r['encoding']} | {r['variant']} | {r['threads']} "
-            f"| {r['seconds'] * 1e3:.3f} | {r['weight_gbps']:.2f} | {r['gmacs']:.2f} | {r['speedup']:.2f} |"
+            f"| {r['seconds'] * 1e3:.3f} | {r['weight_gbps']:.2f} | {r['gmacs']:.2f} | {r['speedup']:.2f} "
+            f"| {r['membw_gbps']:.1f} | {pct} |"
         )
     return "\n".join(lines) + "\n"

@@ -278,6 +278,8 @@ def test_bench_kernels_hook(cache_dir, tiny_path):
     assert shapes == {(256, 256), (128, 256), (688, 256), (256, 688)}
     assert {r["n_tok"] for r in rows} == {1, 4} and "ref" in {r["variant"] for r in rows}
     assert all(_positive(r["seconds"]) and _positive(r["gmacs"]) for r in rows)
+    assert all(_positive(r["membw_gbps"]) and _positive(r["pct_of_membw"]) for r in rows)
+    assert all(r["pct_of_membw"] == pytest.approx(100 * r["weight_gbps"] / r["membw_gbps"]) for r in rows)
 
 
 def test_bench_q8_head(cache_dir):
