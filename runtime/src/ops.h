@@ -35,6 +35,10 @@ void bn_rope(float *v, uint32_t n_heads, uint32_t D, const float *cos_t, const f
  * sums are combined as ((s0 + s4) + (s2 + s6)) + ((s1 + s5) + (s3 + s7)). */
 float bn_dot8_f32(const float *a, const float *b, uint32_t n);
 
+/* att[j] = exp(att[j] - max(att)) in place, in order; returns their sum (summed in order): the
+ * softmax's numerators and denominator. */
+float bn_softmax_numerators(float *att, uint32_t n);
+
 /* One query head attending over n_pos cached positions: out[D] = softmax(q . k_j * scale) . v_j, the
  * dot products by bn_dot8_f32, out accumulated over j in order (per element: a multiply, an add).
  * k, v are [n_pos][stride] (the head's slice starts at k, v); att is [n_pos] scratch. This is the

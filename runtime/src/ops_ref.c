@@ -86,18 +86,21 @@ float bn_dot8_f32(const float *a, const float *b, uint32_t n) {
     return ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]));
 }
 
-void bn_attention_head(float *out, const float *q, const float *k, const float *v, uint64_t stride,
-                       uint32_t n_pos, uint32_t D, float scale, float *att) {
+float bn_softmax_numerators(float *att, uint32_t n) {
     float max = -INFINITY;
-    for (uint32_t j = 0; j < n_pos; j++) {
-        att[j] = bn_dot8_f32(q, k + j * stride, D) * scale;
-        max = fmaxf(max, att[j]);
-    }
+    for (uint32_t j = 0; j < n; j++) max = fmaxf(max, att[j]);
     float sum = 0.0f;
-    for (uint32_t j = 0; j < n_pos; j++) {
+    for (uint32_t j = 0; j < n; j++) {
         att[j] = expf(att[j] - max);
         sum += att[j];
     }
+    return sum;
+}
+
+void bn_attention_head(float *out, const float *q, const float *k, const float *v, uint64_t stride,
+                       uint32_t n_pos, uint32_t D, float scale, float *att) {
+    for (uint32_t j = 0; j < n_pos; j++) att[j] = bn_dot8_f32(q, k + j * stride, D) * scale;
+    const float sum = bn_softmax_numerators(att, n_pos);
     memset(out, 0, D * sizeof *out);
     for (uint32_t j = 0; j < n_pos; j++) {
         const float *vj = v + j * stride;

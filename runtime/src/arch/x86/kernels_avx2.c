@@ -743,20 +743,14 @@ BN_AVX2 void bn_attention_head_avx2(float *out, const float *q, const float *k, 
         bn_attention_head(out, q, k, v, stride, n_pos, D, scale, att);
         return;
     }
-    float max = -INFINITY;
     for (uint32_t j = 0; j < n_pos; j++) {
         const float *kj = k + j * stride;
         __m256 acc = _mm256_setzero_ps();
         for (uint32_t i = 0; i < D; i += 8)
             acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(kj + i)));
         att[j] = hsum8_ps(acc) * scale;
-        max = fmaxf(max, att[j]);
     }
-    float sum = 0.0f;
-    for (uint32_t j = 0; j < n_pos; j++) {
-        att[j] = expf(att[j] - max);
-        sum += att[j];
-    }
+    const float sum = bn_softmax_numerators(att, n_pos);
     memset(out, 0, D * sizeof *out);
     for (uint32_t j = 0; j < n_pos; j++) {
         const float *vj = v + j * stride;
