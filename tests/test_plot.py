@@ -11,8 +11,6 @@ from typer.testing import CliRunner
 
 from bitnet_run.cli import app
 
-pytest.importorskip("matplotlib")
-
 PLOT = Path(__file__).resolve().parents[1] / "bench" / "plot.py"
 
 
