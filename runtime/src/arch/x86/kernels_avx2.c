@@ -220,7 +220,7 @@ BN_AVX2 static void i2_row4(const uint8_t *wr, uint32_t rb, const int8_t *p, siz
     i2_row(wr, rb, p, ts, s, 4, o);
 }
 
-BN_AVX2 void bn_i2_matmul_avx2(int32_t *y, size_t ldy, const int8_t *x, size_t ldx, uint32_t n_tok,
+BN_AVX2 static void i2_matmul_avx2(int32_t *y, size_t ldy, const int8_t *x, size_t ldx, uint32_t n_tok,
                                    const uint8_t *w, uint32_t cols, uint32_t r0, uint32_t r1) {
     if (r0 >= r1 || n_tok == 0) return;
     const uint32_t row_bytes = (cols + 3) / 4;
@@ -762,7 +762,7 @@ BN_AVX2 void bn_attention_head_avx2(float *out, const float *q, const float *k, 
 
 const bn_kernels bn_kernels_avx2 = {
     .name = "avx2",
-    .i2_matmul = bn_i2_matmul_avx2,
+    .i2_matmul = i2_matmul_avx2,
     .tl1_matmul = bn_tl1_matmul_avx2,
     .tl2_matmul = bn_tl2_matmul_avx2,
     .dense_matmul = bn_dense_matmul_avx2,

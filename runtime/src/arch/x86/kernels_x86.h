@@ -17,8 +17,6 @@ void *bn_x86_scratch(size_t n);
 int32_t bn_i2_planes_avx2(int8_t *dst, const int8_t *x, uint32_t cols, uint32_t interleave);
 
 /* The AVX2 variant's kernels (kernels.h for their contracts). */
-void bn_i2_matmul_avx2(int32_t *y, size_t ldy, const int8_t *x, size_t ldx, uint32_t n_tok, const uint8_t *w,
-                       uint32_t cols, uint32_t r0, uint32_t r1);
 void bn_tl1_matmul_avx2(int32_t *y, size_t ldy, const int8_t *x, size_t ldx, uint32_t n_tok, const uint8_t *w,
                         uint32_t cols, uint32_t r0, uint32_t r1);
 void bn_tl2_matmul_avx2(int32_t *y, size_t ldy, const int8_t *x, size_t ldx, uint32_t n_tok, const uint8_t *w,
