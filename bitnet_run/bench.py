@@ -425,6 +425,15 @@ def _add_ratios(rows: Sequence[dict]) -> None:
                 r[key] = o["avg_ts"] / r["avg_ts"]
 
 
+def _bandwidth_by_threads(spec: BenchSpec, log: Callable[[str], None]) -> dict[int, float]:
+    """The read probe (GB/s) once per thread count of the run, before anything is timed."""
+    bandwidth = {}
+    for t in spec.threads:
+        log(f"read bandwidth, {t} thread(s), {spec.membw_bytes >> 20} MiB buffer")
+        bandwidth[t] = membw_gbps(t, spec.membw_bytes)
+    return bandwidth
+
+
 def run(spec: BenchSpec, log: Callable[[str], None] | None = None) -> list[dict]:
     """Runs the cross product models x threads x (pp tests, tg tests); returns one dict per test and
     model (and peer). The models of one group (same label) and its peers run interleaved."""
@@ -444,10 +453,7 @@ def run(spec: BenchSpec, log: Callable[[str], None] | None = None) -> list[dict]
             )
     cpu = f"{cpu_name()} ({os.cpu_count()} CPUs)"
     groups = _groups(spec, all_facts, kernels_name(), cpu)
-    bandwidth = {}
-    for t in spec.threads:
-        log(f"read bandwidth, {t} thread(s), {spec.membw_bytes >> 20} MiB buffer")
-        bandwidth[t] = membw_gbps(t, spec.membw_bytes)
+    bandwidth = _bandwidth_by_threads(spec, log)
     rss = PeakRSS()
     rng = np.random.default_rng(spec.seed)
     rows = []
@@ -647,12 +653,13 @@ def run_kernels(spec: BenchSpec, log: Callable[[str], None] | None = None) -> li
     validate(spec)
     log = log or (lambda message: None)
     n_toks = tuple(dict.fromkeys([1] + [n for n in spec.n_prompt if n > 0]))
+    bandwidth = _bandwidth_by_threads(spec, log)
     rows = []
     for label, path in spec.models:
         for encoding, shapes in linear_shapes(path).items():
             for t in spec.threads:
                 log(f"{label}: {encoding} kernels on {len(shapes)} shapes, {t} thread(s)")
-                gbps = membw_gbps(t, spec.membw_bytes)  # the read bandwidth these threads can get
+                gbps = bandwidth[t]
                 for r in time_kernels(shapes, threads=t, repeats=spec.repetitions, n_toks=n_toks,
                                       encoding=encoding, cold_bytes=spec.membw_bytes):
                     pct = 100.0 * r["weight_gbps"] / gbps if gbps > 0 else None
