@@ -287,7 +287,7 @@ def _cached_or_written(cached: Optional[Path], what: str, bar: str,
 
 def _synthetic_model(shape: str, head: str, weights: str, cache_dir: Optional[Path]) -> Path:
     """The cached synthetic model file of `shape`, written once if absent or stale."""
-    from . import synthetic as syn
+    from .bench import synthetic as syn
 
     return _cached_or_written(
         syn.cached_path(shape, cache_dir, head=head, weights=weights),
@@ -300,7 +300,7 @@ def _synthetic_model(shape: str, head: str, weights: str, cache_dir: Optional[Pa
 def _peer_models(shape: str, head: str, cache_dir: Optional[Path]) -> list:
     """(runtime name, GGUF path, facts) of llama.cpp on `shape` in each TQ type, each GGUF written
     once if absent or stale, with the head matching ours (bf16 -> F16, q8 -> Q8_0)."""
-    from . import peers as pr
+    from .bench import peers as pr
 
     gguf_head = "f16" if head == "bf16" else "q8_0"
     out = []
@@ -350,8 +350,8 @@ def bench(
     Each report shows the read bandwidth and the decoding ceiling it implies.
     """
 
-    from . import bench as bn
-    from . import synthetic as syn
+    from .bench import runner as bn
+    from .bench import synthetic as syn
     from .errors import BitNetError as _BitNetError
 
     try:
@@ -373,7 +373,7 @@ def bench(
         for shape in shapes:
             syn.get_shape(shape)
             if peer_list:
-                from .peers import check_shape
+                from .bench.peers import check_shape
 
                 check_shape(shape)
         paths = [Path(m.strip()) for item in (model or []) for m in item.split(",") if m.strip()]

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from bitnet_run import bench
+from bitnet_run.bench import runner as bench
 from bitnet_run import fileformat as ff
-from bitnet_run import synthetic as syn
+from bitnet_run.bench import synthetic as syn
 from bitnet_run._bitnet import lib
 from bitnet_run.cli import app
 from bitnet_run.model import Model
@@ -270,7 +270,7 @@ def test_peers_llamacpp_is_not_faked(cache_dir):
 
 def test_bench_kernels_hook(cache_dir, tiny_path):
     """--kernels times each kernel variant on the model's ternary shapes (when the runtime has them)."""
-    pytest.importorskip("bitnet_run.kernel_bench")
+    pytest.importorskip("bitnet_run.bench.kernels")
     result = _invoke(cache_dir, "--kernels", "-p", "4", "-r", "2", "-t", "1", "--membw-mib", "4", "-o", "json")
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)

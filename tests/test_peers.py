@@ -11,8 +11,8 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from bitnet_run import peers  # noqa: E402
-from bitnet_run import synthetic as syn  # noqa: E402
+from bitnet_run.bench import peers  # noqa: E402
+from bitnet_run.bench import synthetic as syn  # noqa: E402
 
 # The tiny shape whose rows are whole 256-weight TQ blocks (tiny's 688-wide FFN rows are not).
 TINY_TQ = syn.SHAPES["tiny-tq"]
@@ -71,7 +71,7 @@ def test_llamacpp_runs_the_gguf(tmp_path):
 def test_bench_run_with_llamacpp_peers(tmp_path):
     """bench.run with peers: ours and both TQ types per test, interleaved, with ratio_vs (llama-cpp-python only)."""
     pytest.importorskip("llama_cpp")
-    from bitnet_run import bench
+    from bitnet_run.bench import runner as bench
 
     ours = syn.write_synthetic(TINY_TQ, tmp_path / "tiny-tq.bnr")
     spec = bench.BenchSpec(models=[("t256", ours)], n_prompt=[8], n_gen=[4], threads=[1], repetitions=2,
@@ -105,7 +105,7 @@ def test_bench_cli_with_llamacpp_peers(tmp_path, weights):
     pytest.importorskip("llama_cpp")
     from typer.testing import CliRunner
 
-    from bitnet_run import bench
+    from bitnet_run.bench import runner as bench
     from bitnet_run.cli import app
 
     args = ["bench", "--synthetic", "tiny-tq", "--peers", "llamacpp", "-p", "8", "-n", "4", "-r", "1", "-t", "1",

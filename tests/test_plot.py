@@ -1,4 +1,4 @@
-"""bench/plot.py on the JSON of a real (tiny) `bitnet-run bench` run: it writes a PNG, and refuses
+"""bitnet_run/bench/plot.py on the JSON of a real (tiny) `bitnet-run bench` run: it writes a PNG, and refuses
 input that is not bench output or that would draw one point twice. Nothing here looks at the pixels."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from bitnet_run.cli import app
 
-PLOT = Path(__file__).resolve().parents[1] / "bench" / "plot.py"
+PLOT = Path(__file__).resolve().parents[1] / "bitnet_run" / "bench" / "plot.py"
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@
 - tokens/s against model size (parameters, or file bytes with --size bytes) at one thread count
   (--threads, default the largest in the data): a line per runtime/encoding and test.
 
-    python bench/plot.py docs/bench/*.json -o docs/benchmarks.png [--threads N] [--size params|bytes]
+    python -m bitnet_run.bench.plot docs/bench/*.json -o docs/benchmarks.png [--threads N] [--size params|bytes]
         [--threads-model MODEL]
 
 Every point is one row of the input: its avg_ts, with its stddev_ts as an error bar. Nothing is

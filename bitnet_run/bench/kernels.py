@@ -1,15 +1,15 @@
 """Times the weight kernels (every variant usable on this CPU) on given matrix shapes, through the C
 runtime's bn_kernels_time (random data, the runtime's own thread pool splitting rows).
 
-    from bitnet_run.kernel_bench import time_kernels, LAYER_SHAPES_2B4T
+    from bitnet_run.bench.kernels import time_kernels, LAYER_SHAPES_2B4T
     rows = time_kernels(LAYER_SHAPES_2B4T, threads=2, repeats=20)
 
-Run as `python -m bitnet_run.kernel_bench` for a table."""
+Run as `python -m bitnet_run.bench.kernels` for a table."""
 from __future__ import annotations
 
 import statistics
 
-from ._bitnet import ffi, lib
+from .._bitnet import ffi, lib
 
 ENCODINGS = {"f32": 0, "f16": 1, "bf16": 2, "i2": 3, "tl1": 4, "tl2": 5, "q8": 6}
 TERNARY = ("i2", "tl1", "tl2")
@@ -32,7 +32,7 @@ def cpu_features() -> str:
 
 
 def _weight_bytes(encoding: str, rows: int, cols: int) -> int:
-    from .fileformat import encoded_nbytes
+    from ..fileformat import encoded_nbytes
 
     return encoded_nbytes(ENCODINGS[encoding], (rows, cols))
 

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from . import fileformat as ff
+from .. import __version__
+from .. import fileformat as ff
 
 DEFAULT_MEMBW_MIB = 512
 MEMBW_REPEATS = 5
@@ -114,7 +114,7 @@ def parse_weights(text: str) -> list[str]:
 
 def membw_gbps(n_threads: int, nbytes: int = DEFAULT_MEMBW_MIB << 20, repeats: int = MEMBW_REPEATS) -> float:
     """Best read bandwidth (GB/s, 1e9 B/s) of n_threads threads over a buffer of nbytes."""
-    from ._bitnet import lib
+    from .._bitnet import lib
 
     gbps = lib.bn_membw_read_gbps(int(nbytes), int(n_threads), int(repeats))
     if gbps == -1.0:
@@ -127,7 +127,7 @@ def membw_gbps(n_threads: int, nbytes: int = DEFAULT_MEMBW_MIB << 20, repeats: i
 def kernels_name() -> str | None:
     """The weight-kernel variant a new context uses (bn_kernels_selected / bn_kernels_name, which
     honour BITNET_RUN_KERNELS), or None when the runtime does not report one."""
-    from ._bitnet import ffi, lib
+    from .._bitnet import ffi, lib
 
     selected = getattr(lib, "bn_kernels_selected", None)
     name_of = getattr(lib, "bn_kernels_name", None)
@@ -260,7 +260,7 @@ class _ModelRunner:
     (time_pp, time_tg, n_vocab, close), so that ours and the peers are timed by the same loop."""
 
     def __init__(self, path: Path, n_threads: int, n_ctx: int):
-        from .model import Model
+        from ..model import Model
 
         self.model = Model(path, n_threads=n_threads, n_ctx=n_ctx)
         self.n_vocab = self.model.n_vocab
@@ -645,9 +645,9 @@ def linear_shapes(path: Path) -> dict[str, list[tuple[str, int, int]]]:
 def run_kernels(spec: BenchSpec, log: Callable[[str], None] | None = None) -> list[dict]:
     """`bench --kernels`: every kernel variant on each model's ternary matrix shapes, at one token
     (decoding) and at each -p length, weights cycled through a buffer of --membw-mib so they come
-    from memory; median seconds per call over -r calls (bitnet_run.kernel_bench)."""
+    from memory; median seconds per call over -r calls (bitnet_run.bench.kernels)."""
     try:
-        from .kernel_bench import time_kernels
+        from .kernels import time_kernels
     except ImportError as exc:
         raise BenchError(f"--kernels: this build has no kernel benchmark ({exc})") from None
     validate(spec)

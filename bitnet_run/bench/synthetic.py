@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from . import fileformat as ff
+from .. import __version__
+from .. import fileformat as ff
 
 SYNTHETIC_FORMAT = 1  # bump when the files written here change, so stale caches are rewritten
 EMBEDDING_STD = 0.02
