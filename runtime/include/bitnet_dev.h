@@ -69,6 +69,10 @@ bn_status bn_kernels_quantize_rows(uint32_t variant, int8_t *q, float *s, const 
  * variant or stride < D; BN_ERR_NOMEM when no scratch can be allocated. */
 bn_status bn_kernels_attention_head(uint32_t variant, float *out, const float *q, const float *k, const float *v,
                                     uint64_t stride, uint32_t n_pos, uint32_t D, float scale);
+/* The same with k and v rounded to f16 (to nearest even, as the f16 KV cache stores them), then the
+ * variant's f16 attention kernel: bit-identical to bn_kernels_attention_head on the rounded values. */
+bn_status bn_kernels_attention_head_f16(uint32_t variant, float *out, const float *q, const float *k, const float *v,
+                                        uint64_t stride, uint32_t n_pos, uint32_t D, float scale);
 /* Times `repeats` calls (after one warm-up) of a variant's kernel on random data of that shape:
  * encoding 3/4/5 (I2/TL1/TL2) for the ternary kernels, 0/1/2 for the dense one, 6 (Q8_R) for the q8 head
  * one; n_threads threads split the rows.
