@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ CC, QEMU = "aarch64-linux-gnu-gcc", "qemu-aarch64"
 DEMO = ROOT / "models" / "demo" / "demo.bnr"
 # qemu CPU model -> the variants the runtime must offer on it
 CPUS = {"cortex-a53": ["ref", "neon"], "cortex-a76": ["ref", "neon", "neon-dotprod"]}
+REQUEST_TIMEOUT_S = 300
 EXAMPLES = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -80,20 +82,29 @@ class Runner:
         self.variants, self.features = names.split(), features.split()
 
     def request(self, line: str, *inputs: np.ndarray) -> list[bytes]:
-        self.proc.stdin.write(line.encode() + b"\n")
-        for a in inputs:
-            self.proc.stdin.write(np.ascontiguousarray(a).tobytes())
-        self.proc.stdin.flush()
-        head = self.proc.stdout.readline().decode().split()
-        assert head and head[0] == "ok", f"runner on {self.cpu}: {' '.join(head) or 'no reply (crashed?)'}"
-        n, size = int(head[1]), int(head[2])
-        data = self.proc.stdout.read(n * size)
+        watchdog = threading.Timer(REQUEST_TIMEOUT_S, self.proc.kill)  # a hung runner fails, not hangs, the test
+        watchdog.start()
+        try:
+            self.proc.stdin.write(line.encode() + b"\n")
+            for a in inputs:
+                self.proc.stdin.write(np.ascontiguousarray(a).tobytes())
+            self.proc.stdin.flush()
+            head = self.proc.stdout.readline().decode().split()
+            assert head and head[0] == "ok", f"runner on {self.cpu}: {' '.join(head) or 'no reply (crashed?)'}"
+            n, size = int(head[1]), int(head[2])
+            data = self.proc.stdout.read(n * size)
+        finally:
+            watchdog.cancel()
         assert len(data) == n * size, f"runner on {self.cpu}: short reply"
         return [data[i * size:(i + 1) * size] for i in range(n)]
 
     def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+        except (BrokenPipeError, subprocess.TimeoutExpired):  # it died (the test said so) or hangs
+            self.proc.kill()
+            self.proc.wait()
 
 
 @pytest.fixture(scope="module", params=list(CPUS))
@@ -189,7 +200,7 @@ def test_dense_kernels(arm, rows, cols, n_tok, encoding, nonfinite, n_threads, s
     rng = np.random.default_rng(seed)
     w = dense_weights(encoding, rows, cols, rng)
     x = rng.standard_normal((n_tok, cols)).astype(np.float32)
-    if nonfinite:  # infinities and NaNs in the activations: the NaN that propagates depends on the order
+    if nonfinite:  # infinities and NaNs in the activations (all NaNs alike: compilers may swap a product's operands)
         x.flat[rng.integers(0, x.size, max(1, x.size // 50))] = rng.choice([np.nan, np.inf, -np.inf])
     outs = arm.request(f"dense {encoding} {n_threads} {n_tok} {rows} {cols}", x, w)
     assert_same(arm, outs, dense_matmul(0, x, w, encoding))

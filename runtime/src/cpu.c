@@ -40,7 +40,7 @@ static void detect(bn_cpu_features *f) {
         }
     }
 }
-#elif defined(__aarch64__)
+#elif defined(__aarch64__) && defined(__linux__)
 #include <sys/auxv.h>
 #ifndef HWCAP_ASIMD
 #define HWCAP_ASIMD (1 << 1) /* Linux arch/arm64 uapi hwcap.h, for C libraries that lack the names */
@@ -54,6 +54,10 @@ static void detect(bn_cpu_features *f) {
     f->asimd = (hwcap & HWCAP_ASIMD) != 0;
     f->asimddp = f->asimd && (hwcap & HWCAP_ASIMDDP) != 0;
 }
+#elif defined(__aarch64__)
+/* Advanced SIMD is part of every AArch64 ABI; without Linux's HWCAP the dot-product extension
+ * counts as absent. */
+static void detect(bn_cpu_features *f) { f->asimd = 1; }
 #else
 static void detect(bn_cpu_features *f) { (void)f; }
 #endif

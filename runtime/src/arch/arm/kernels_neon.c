@@ -51,10 +51,10 @@
 #include "ops.h"
 
 #define BN_INLINE static inline __attribute__((always_inline))
-#if defined(__ARM_FEATURE_DOTPROD)
-#define BN_DOTPROD /* the whole build already targets a CPU with SDOT */
+#if defined(__ARM_FEATURE_DOTPROD) || defined(__clang__)
+#define BN_DOTPROD /* the whole build targets SDOT, or clang, which gets it below without the attribute */
 #else
-#define BN_DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))
+#define BN_DOTPROD __attribute__((target("arch=armv8.2-a+dotprod"))) /* GCC: for vdotq_s32 */
 #endif
 
 /* ---- int8 dot products: the one place where the two variants differ ---- */
@@ -65,7 +65,18 @@ BN_INLINE int32x4_t dot16_neon(int32x4_t acc, int8x16_t a, int8x16_t b) {
     return vpadalq_s16(acc, vmlal_high_s8(vmull_s8(vget_low_s8(a), vget_low_s8(b)), a, b));
 }
 
+#if defined(__ARM_FEATURE_DOTPROD) || !defined(__clang__)
 BN_DOTPROD BN_INLINE int32x4_t dot16_sdot(int32x4_t acc, int8x16_t a, int8x16_t b) { return vdotq_s32(acc, a, b); }
+#else
+/* clang (before 16) declares vdotq_s32 only when the whole build targets the extension: the
+ * instruction's encoding on fixed registers, sdot v0.4s, v1.16b, v2.16b. */
+BN_INLINE int32x4_t dot16_sdot(int32x4_t acc, int8x16_t a, int8x16_t b) {
+    register int32x4_t r0 __asm__("v0") = acc;
+    register int8x16_t r1 __asm__("v1") = a, r2 __asm__("v2") = b;
+    __asm__(".inst 0x4e829420" : "+w"(r0) : "w"(r1), "w"(r2));
+    return r0;
+}
+#endif
 
 /* ---- I2 ---- */
 
