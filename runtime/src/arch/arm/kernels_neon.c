@@ -26,7 +26,9 @@
  * triple's sign m (0 or -1 per row) negates as (T ^ m) - m: the xor per token, the count of -m
  * once per tile. Tables are built per block of TL_BLOCK weight vectors (on the stack), and a block's
  * int16 sums (at most 64 * 384 + 256) are widened into the int32 outputs after each tile, so
- * nothing overflows and no scratch memory is needed.
+ * nothing overflows and no scratch memory is needed; the price is that a prompt batch reads the
+ * weights once per 4 tokens (unlike the AVX2 kernels' token chunks, which need a table buffer per
+ * thread; with no ARM machine to measure on, the simpler layout stays).
  *
  * Dense matmul (output head). The reference sums each row left to right with a separate multiply
  * and add per element, so the 4 lanes of a vector are 4 rows: a 4x4 weight tile is transposed in
