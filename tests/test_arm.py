@@ -39,7 +39,7 @@ CPUS = {
     "dotprod": (["cortex-a76", "neoverse-n1", "max"], ["ref", "neon", "neon-dotprod"]),
 }
 REQUEST_TIMEOUT_S = 300
-EXAMPLES = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+EXAMPLES = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def _toolchain_or_skip() -> None:
@@ -267,12 +267,25 @@ PROMPTS = ["Once upon a time", "The little dog ran to the park and", "1 2 3"]
 
 
 @pytest.fixture(scope="module")
-def demo_reference():
-    """The demo model on this machine with the reference kernels: the prompts' tokens and logits."""
+def demo_models(tmp_path_factory) -> dict[str, Path]:
+    """The bundled demo model (I2, bf16 head) and its checkpoint converted to TL1 and to TL2 with the
+    8-bit head, so that every kernel runs in a whole model."""
+    from bitnet_run.convert import convert_checkpoint
+
+    root = tmp_path_factory.mktemp("demo")
+    return {
+        "i2-bf16": DEMO,
+        "tl1-bf16": convert_checkpoint(DEMO.parent, root / "tl1.bnr", weights="tl1"),
+        "tl2-q8": convert_checkpoint(DEMO.parent, root / "tl2-q8.bnr", weights="tl2", head="q8"),
+    }
+
+
+def _reference_logits(path: Path) -> list[tuple[list[int], np.ndarray]]:
+    """The prompts' tokens and logits on this machine with the reference kernels."""
     saved = os.environ.get("BITNET_RUN_KERNELS")
     os.environ["BITNET_RUN_KERNELS"] = "ref"
     try:
-        model = Model(DEMO, n_threads=2)
+        model = Model(path, n_threads=2)
         cases = [(ids, _raw_eval(model, ids)) for ids in (model.tokenize(p) for p in PROMPTS)]
         del model
     finally:
@@ -283,15 +296,17 @@ def demo_reference():
     return cases
 
 
-def test_demo_logits_equal_this_machines_reference(arm, demo_reference):
+@pytest.mark.parametrize("model", ["i2-bf16", "tl1-bf16", "tl2-q8"])
+def test_demo_logits_equal_this_machines_reference(arm, demo_models, model):
     """Prompt logits (all positions) and one decoding step, every AArch64 variant at 2 threads."""
-    for ids, expected in demo_reference:
+    path = demo_models[model]
+    for ids, expected in _reference_logits(path):
         assert np.all(np.isfinite(expected))
         for variant, name in enumerate(arm.variants):
-            (out,) = arm.request(f"logits {variant} 2 {len(ids)} {DEMO}", np.asarray(ids, dtype=np.int32))
+            (out,) = arm.request(f"logits {variant} 2 {len(ids)} {path}", np.asarray(ids, dtype=np.int32))
             got = np.frombuffer(out, dtype=np.float32).reshape(expected.shape)
             np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32),
-                                          err_msg=f"{name} on {arm.cpu}, prompt {ids}")
+                                          err_msg=f"{model}: {name} on {arm.cpu}, prompt {ids}")
 
 
 # ---- each build compiles the other architecture's kernels out ----
