@@ -3,7 +3,8 @@ with tests/arm/runner.c (a pipe front end of bitnet.h) as its main, and run unde
 CPU without the dot-product extension (Cortex-A53: ref, neon) and one with it (Cortex-A76: ref, neon,
 neon-dotprod). Every kernel of every variant there must equal this machine's reference kernel bit
 for bit (so the AArch64 reference too) on random, odd-shaped and extreme inputs, and the demo model's
-logits there must equal this machine's with BITNET_RUN_KERNELS=ref.
+logits there (as bundled, I2 with a bf16 head, and converted to TL1, and to TL2 with the 8-bit head)
+must equal this machine's with BITNET_RUN_KERNELS=ref.
 
 Needs gcc-aarch64-linux-gnu, libc6-dev-arm64-cross and qemu-user (Debian/Ubuntu); skipped without
 them unless BITNET_RUN_REQUIRE_ARM=1 (set by .ci/run), which makes their absence a failure."""
