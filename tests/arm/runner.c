@@ -21,8 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "bitnet.h"
-#include "kernels.h"
+#include "bitnet_dev.h"
 
 static void fail(const char *what) {
     printf("error %s\n", what);
@@ -55,11 +54,7 @@ static void check(bn_status st) {
     if (st != BN_OK) fail("a kernel returned an error status");
 }
 
-static size_t weight_bytes(uint32_t enc, uint32_t rows, uint32_t cols) {
-    if (BN_ENC_IS_TERNARY(enc)) return (size_t)bn_ternary_nbytes(enc, rows, cols);
-    if (enc == BN_ENC_Q8R) return (size_t)bn_q8r_nbytes(rows, cols);
-    return (size_t)rows * cols * (enc == BN_ENC_F32 ? 4 : 2);
-}
+static int is_ternary(uint32_t enc) { return enc == BN_ENC_I2 || enc == BN_ENC_TL1 || enc == BN_ENC_TL2; }
 
 static void matmul(const char *kind, const char *args) {
     const uint32_t nv = bn_kernels_count();
@@ -69,12 +64,15 @@ static void matmul(const char *kind, const char *args) {
            : sscanf(args, "%" SCNu32 " %" SCNu32 " %" SCNu32 " %" SCNu32 " %" SCNu32, &enc, &nth, &n_tok, &rows,
                     &cols) != 5)
         fail("bad matmul arguments");
-    if (enc >= BN_ENC_COUNT || ternary != BN_ENC_IS_TERNARY(enc) || (!q8 && enc == BN_ENC_Q8R))
+    if (enc >= BN_ENC_COUNT || ternary != is_ternary(enc) || (!q8 && enc == BN_ENC_Q8R))
         fail("bad encoding for this request");
+    const uint64_t dims[2] = {rows, cols};
+    const uint64_t w_bytes = bn_encoding_nbytes(enc, 2, dims);
+    if (w_bytes == 0) fail("bad shape for the encoding");
     const size_t x_bytes = (size_t)n_tok * cols * (ternary || q8 ? 1 : 4), y_bytes = (size_t)n_tok * rows * 4;
     void *x = read_input(x_bytes);
     float *xs = q8 ? read_input((size_t)n_tok * 4) : NULL;
-    void *w = read_input(weight_bytes(enc, rows, cols));
+    void *w = read_input((size_t)w_bytes);
     unsigned char *y = outputs(nv, y_bytes);
     for (uint32_t v = 0; v < nv; v++) {
         void *yv = y + v * y_bytes;
