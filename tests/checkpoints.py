@@ -266,3 +266,129 @@ def load_reference(directory: Path):
             if tensor.is_floating_point():
                 tensor.data = tensor.data.float()
     return model.eval()
+
+
+# --------------------------------------------------------------------------- Llama-architecture BitLinear checkpoints
+
+
+def make_llama_config(
+    vocab: int = 384,
+    hidden: int = 128,
+    intermediate: int = 344,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 1,
+    head_dim: int | None = None,
+    tied: bool = False,
+    max_pos: int = 256,
+    rope_theta: float = 1000042.0,
+) -> dict:
+    """config.json of a tiny LlamaForCausalLM (Falcon3 / Llama3-8B-1.58 style: SiLU, no sub-norms,
+    head_dim from the config); the writers add quantization_config."""
+    ids = special_ids()
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim or hidden // heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": max_pos,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": rope_theta,
+        "tie_word_embeddings": tied,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": ids[BOS],
+        "eos_token_id": ids[EOS],
+        "torch_dtype": "bfloat16",
+    }
+
+
+def llama_master_weights(config: dict, seed: int, linear_norms: bool) -> dict[str, torch.Tensor]:
+    """Random bf16 master weights of a Llama-architecture model, with a `<proj>.rms_norm.weight` per
+    BitLinear when linear_norms (quantization_config use_rms_norm)."""
+    rng = np.random.default_rng(seed)
+    H, I, V = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    D = config["head_dim"]
+    q, kv = config["num_attention_heads"] * D, config["num_key_value_heads"] * D
+
+    def normal(shape, std):
+        return torch.from_numpy(rng.normal(0.0, std, shape).astype(np.float32)).bfloat16()
+
+    def norm(size):
+        return torch.from_numpy((1.0 + 0.1 * rng.standard_normal(size)).astype(np.float32)).bfloat16()
+
+    shapes = {"self_attn.q_proj": (q, H), "self_attn.k_proj": (kv, H), "self_attn.v_proj": (kv, H),
+              "self_attn.o_proj": (H, q), "mlp.gate_proj": (I, H), "mlp.up_proj": (I, H), "mlp.down_proj": (H, I)}
+    tensors = {"model.embed_tokens.weight": normal((V, H), 2.0 / np.sqrt(H)), "model.norm.weight": norm(H)}
+    if not config["tie_word_embeddings"]:
+        tensors["lm_head.weight"] = normal((V, H), 2.0 / np.sqrt(H))
+    for i in range(config["num_hidden_layers"]):
+        L = f"model.layers.{i}"
+        tensors[f"{L}.input_layernorm.weight"] = norm(H)
+        tensors[f"{L}.post_attention_layernorm.weight"] = norm(H)
+        for proj in PROJECTIONS:
+            out_features, in_features = shapes[proj]
+            tensors[f"{L}.{proj}.weight"] = normal((out_features, in_features), 1.0 / np.sqrt(in_features))
+            if linear_norms:
+                tensors[f"{L}.{proj}.rms_norm.weight"] = norm(in_features)
+    return tensors
+
+
+def _llama_quantization_config(packed: bool, use_rms_norm: bool) -> dict:
+    # packed: transformers' BitLinear (weight_scale divides); master: AutoBitLinear online (absmean)
+    qc = {"quant_method": "bitnet", "linear_class": "bitlinear" if packed else "autobitlinear",
+          "quantization_mode": "offline" if packed else "online", "modules_to_not_convert": ["lm_head"]}
+    if use_rms_norm:
+        qc.update(use_rms_norm=True, rms_norm_eps=1e-5)
+    return qc
+
+
+def write_llama_checkpoint(directory: Path, config: dict, seed: int, packed: bool, use_rms_norm: bool) -> Path:
+    """A Llama-architecture BitLinear checkpoint: packed uint8 linears with an inverted weight_scale
+    (Falcon3-1.58bit / Llama3-8B-1.58 style), or bf16 master weights quantized online."""
+    config = {**config, "quantization_config": _llama_quantization_config(packed, use_rms_norm)}
+    tensors = llama_master_weights(config, seed, use_rms_norm)
+    if packed:
+        tensors = packed_tensors(tensors, torch.bfloat16)
+        for name in [n for n in tensors if n.endswith(".weight_scale")]:
+            tensors[name] = (1.0 / tensors[name].float()).bfloat16()  # bitlinear divides by it
+    return _write(directory, config, tensors)
+
+
+class Q8Head(torch.nn.Module):
+    """The Q8_R output head of docs/format.md in torch, for a reference model converted with --head q8:
+    weights absmax int8 per row, the input absmax int8 per token ([-127, 127]), exact integer dot
+    products, then (dot / s) * scale in float32."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        from bitnet_run.fileformat import quantize_q8r
+
+        q, scale = quantize_q8r(weight.detach().float().numpy())
+        self.q = torch.from_numpy(q.astype(np.float64))
+        self.scale = torch.from_numpy(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+        xq = (x * s).round().clamp(-127, 127)
+        dot = (xq.double() @ self.q.T).float()  # exact: |dot| < 2^53
+        return (dot / s) * self.scale
+
+
+def use_q8_head(model) -> None:
+    """Gives a transformers model the Q8_R head of its output weights; a tied embedding becomes the
+    dequantized Q8_R rows too (what the runtime's embedding lookup reads)."""
+    from bitnet_run.fileformat import dequantize_q8r, quantize_q8r
+
+    weight = model.lm_head.weight
+    head = Q8Head(weight)
+    if model.config.tie_word_embeddings:
+        q, scale = quantize_q8r(weight.detach().float().numpy())
+        model.model.embed_tokens.weight = torch.nn.Parameter(torch.from_numpy(dequantize_q8r(q, scale)))
+    model.lm_head = head
