@@ -39,7 +39,7 @@ class GenerationStats:
 class Model:
     """A BitNet b1.58 model loaded from a packed .bnr file.
 
-    n_threads: worker threads of the runtime (None: one per CPU). n_ctx: context window in tokens
+    n_threads: worker threads of the runtime (None: one per physical core). n_ctx: context window in tokens
     (None: the model's trained context length).
     """
 

@@ -79,7 +79,7 @@ bn_status bn_model_bitlinear(const bn_model *model, const char *name, const floa
                              char *err, size_t err_len);
 
 /* A context holds the KV cache and work buffers for up to n_ctx positions (0: the model's
- * context_length) and a pool of n_threads threads (0: one per online CPU). */
+ * context_length) and a pool of n_threads threads (0: bn_default_n_threads()). */
 bn_status bn_context_new(const bn_model *model, uint32_t n_ctx, uint32_t n_threads, bn_context **out,
                          char *err, size_t err_len);
 void bn_context_free(bn_context *ctx);
@@ -98,9 +98,22 @@ bn_status bn_eval(bn_context *ctx, const int32_t *tokens, uint32_t n_tokens, uin
 /* The message of the last failed call on this context ("" if none). */
 const char *bn_context_error(const bn_context *ctx);
 
+/* ---- threads ---- */
+/* The thread count that n_threads = 0 stands for: the physical cores this process may run on (its
+ * affinity mask, counted by core in the sysfs CPU topology; else the CPUs in the
+ * mask; else the online CPUs), at most 1024. */
+uint32_t bn_default_n_threads(void);
+/* The thread pool's self-check, for tests: n_runs runs of a pool of n_threads workers, in which
+ * worker ith adds 1 to counts[run * n_threads + ith] after a pseudo-random delay (seeded by seed;
+ * now and then the caller idles between runs, so that the workers go to sleep). counts must hold
+ * n_runs * n_threads zeros; afterwards each entry should be 1. *n_early = how many entries were
+ * not yet 1 when the run returned. BN_ERR_ARG for n_threads 0 or over 1024, BN_ERR_NOMEM when the
+ * threads cannot be started. */
+bn_status bn_pool_stress(uint32_t n_threads, uint32_t n_runs, uint64_t seed, uint32_t *counts, uint32_t *n_early);
+
 /* ---- memory bandwidth probe ---- */
 /* Best read bandwidth in GB/s (1e9 bytes/s) over `repeats` timed passes (0 counts as 1) of n_threads
- * threads (0: one per online CPU) summing a freshly allocated buffer of `bytes` bytes, each thread its
+ * threads (0: bn_default_n_threads()) summing a freshly allocated buffer of `bytes` bytes, each thread its
  * contiguous share. Make `bytes` much larger than the last-level cache (e.g. 512 MiB). Returns -1 when
  * the buffer or the threads cannot be allocated and -2 for bad arguments (too few bytes for the
  * threads, more than 1024 threads); never prints. */

@@ -4,11 +4,9 @@
 #include <inttypes.h>
 #include <math.h>
 #include <stdlib.h>
-#include <unistd.h>
 
 #include "error.h"
 
-#define BN_MAX_THREADS 1024
 
 /* calloc of a count of elements given as uint64; NULL when it does not fit size_t or fails. */
 static void *alloc_array(uint64_t count, size_t elem) {
@@ -80,10 +78,7 @@ bn_status bn_context_new(const bn_model *model, uint32_t n_ctx, uint32_t n_threa
         return BN_ERR_ARG;
     }
     *out = NULL;
-    if (n_threads == 0) {
-        long online = sysconf(_SC_NPROCESSORS_ONLN);
-        n_threads = online < 1 ? 1 : online > BN_MAX_THREADS ? BN_MAX_THREADS : (uint32_t)online;
-    }
+    if (n_threads == 0) n_threads = bn_default_n_threads();
     if (n_threads > BN_MAX_THREADS) {
         bn_set_error(err, err_len, "bn_context_new: n_threads %" PRIu32 " is more than %d", n_threads,
                      BN_MAX_THREADS);

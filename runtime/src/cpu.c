@@ -1,6 +1,9 @@
 #include "cpu.h"
 
 #include <pthread.h>
+#include <sched.h>
+#include <stdio.h>
+#include <unistd.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -78,4 +81,47 @@ const bn_cpu_features *bn_cpu_get_features(void) {
 const char *bn_cpu_features_string(void) {
     pthread_once(&once, init);
     return features_str;
+}
+
+/* ---- physical cores ---- */
+
+/* One integer from a sysfs file of CPU `cpu`'s topology, or -1. */
+static long topology_value(int cpu, const char *name) {
+    char path[96];
+    snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu%d/topology/%s", cpu, name);
+    FILE *f = fopen(path, "r");
+    if (f == NULL) return -1;
+    long v = -1;
+    if (fscanf(f, "%ld", &v) != 1) v = -1;
+    fclose(f);
+    return v;
+}
+
+static uint32_t n_cores;
+
+static void count_cores(void) {
+    long online = sysconf(_SC_NPROCESSORS_ONLN);
+    n_cores = online > 0 ? (uint32_t)online : 1;
+#if defined(__linux__)
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) != 0) return;
+    n_cores = (uint32_t)CPU_COUNT(&set); /* the CPUs we may run on, if the topology is unreadable */
+    long seen[CPU_SETSIZE][2];             /* (package, core) of each distinct core found */
+    uint32_t n = 0;
+    for (int cpu = 0; cpu < CPU_SETSIZE; cpu++) {
+        if (!CPU_ISSET(cpu, &set)) continue;
+        const long pkg = topology_value(cpu, "physical_package_id"), core = topology_value(cpu, "core_id");
+        if (pkg < 0 || core < 0) return;
+        uint32_t i = 0;
+        while (i < n && !(seen[i][0] == pkg && seen[i][1] == core)) i++;
+        if (i == n) seen[n][0] = pkg, seen[n][1] = core, n++;
+    }
+    if (n > 0) n_cores = n;
+#endif
+}
+
+uint32_t bn_cpu_n_cores(void) {
+    static pthread_once_t cores_once = PTHREAD_ONCE_INIT;
+    pthread_once(&cores_once, count_cores);
+    return n_cores;
 }

@@ -3,6 +3,8 @@
 #ifndef BN_CPU_H
 #define BN_CPU_H
 
+#include <stdint.h>
+
 typedef struct {
     int sse42;
     int avx;    /* AVX with OS support for the ymm state */
@@ -20,5 +22,10 @@ const bn_cpu_features *bn_cpu_get_features(void);
 
 /* Space-separated names of the detected features, e.g. "sse4.2 avx avx2 fma f16c" ("" if none). */
 const char *bn_cpu_features_string(void);
+
+/* The physical cores this process may run on: the distinct (package, core) pairs of the CPUs in
+ * its affinity mask (Linux sysfs topology); else those CPUs' count; else the online CPUs. Hyper-
+ * threads of one core share its units and its bandwidth, so more threads than cores rarely help. */
+uint32_t bn_cpu_n_cores(void);
 
 #endif
