@@ -124,7 +124,7 @@ double bn_membw_read_gbps(uint64_t bytes, uint32_t n_threads, uint32_t repeats);
 uint32_t bn_kernels_count(void);
 /* A variant's name, NULL if variant >= bn_kernels_count(). */
 const char *bn_kernels_name(uint32_t variant);
-/* The index of the variant a new context would use now (honours BITNET_RUN_KERNELS=ref|avx2|avx512vnni). */
+/* The index of the variant a new context would use now (honours BITNET_RUN_KERNELS=ref|avx2|avxvnni|avx512vnni). */
 uint32_t bn_kernels_selected(void);
 /* The CPU features detected, space-separated (e.g. "sse4.2 avx avx2 fma f16c"). */
 const char *bn_kernels_cpu_features(void);

@@ -35,6 +35,7 @@ static void detect(bn_cpu_features *f) {
         f->avx2 = f->avx && ((b >> 5) & 1);
         f->avx512f = zmm_ok && ((b >> 16) & 1);
         f->avx512bw = f->avx512f && ((b >> 30) & 1);
+        f->avx512vl = f->avx512f && ((b >> 31) & 1);
         f->avx512vnni = f->avx512f && ((c >> 11) & 1);
         unsigned sub_max = a;
         if (sub_max >= 1) {
@@ -60,7 +61,8 @@ static void init(void) {
         {"sse4.2", offsetof(bn_cpu_features, sse42)},   {"avx", offsetof(bn_cpu_features, avx)},
         {"avx2", offsetof(bn_cpu_features, avx2)},      {"fma", offsetof(bn_cpu_features, fma)},
         {"f16c", offsetof(bn_cpu_features, f16c)},      {"avx512f", offsetof(bn_cpu_features, avx512f)},
-        {"avx512bw", offsetof(bn_cpu_features, avx512bw)}, {"avx512vnni", offsetof(bn_cpu_features, avx512vnni)},
+        {"avx512bw", offsetof(bn_cpu_features, avx512bw)},
+        {"avx512vl", offsetof(bn_cpu_features, avx512vl)}, {"avx512vnni", offsetof(bn_cpu_features, avx512vnni)},
         {"avxvnni", offsetof(bn_cpu_features, avxvnni)},
     };
     features_str[0] = '\0';

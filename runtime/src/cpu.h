@@ -13,8 +13,9 @@ typedef struct {
     int f16c;
     int avx512f; /* with OS support for the zmm/opmask state */
     int avx512bw;
+    int avx512vl;
     int avx512vnni;
-    int avxvnni;
+    int avxvnni; /* AVX-VNNI: vpdpbusd on ymm, VEX-encoded (cpuid leaf 7 subleaf 1, eax bit 4) */
 } bn_cpu_features;
 
 /* Detected once (thread-safe); all zero on non-x86 CPUs. */
