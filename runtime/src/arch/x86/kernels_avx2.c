@@ -54,8 +54,12 @@ enum {
     I2_BLOCK = 128,   /* elements per 128-element chunk of the I2 activation planes */
     DENSE_CHAINS = 8, /* accumulators (rows x tokens) of one dense_rows call, at most */
 };
+#ifndef DENSE_WIDE
+#define DENSE_WIDE 2 /* tiles of 8 rows per dense_rows call for 1-2 tokens: 16 row streams (4, i.e. 32 streams, read
+                        * the bf16 head ~1.5-2x slower, 1 tile leaves one add chain: interleaved A/B here) */
+#endif
 #ifndef DENSE_PREFETCH
-#define DENSE_PREFETCH 256 /* bytes ahead in each of the 8 row streams */
+#define DENSE_PREFETCH 256 /* bytes ahead in each row stream */
 #endif
 
 /* ---- per-thread scratch for the deinterleaved activations (freed when the thread exits) ---- */
@@ -499,28 +503,28 @@ BN_AVX2 BN_INLINE void dense_rows(int enc, int NT, int RT, float *y, size_t ldy,
 BN_AVX2 BN_INLINE void dense_enc(int enc, float *y, size_t ldy, const float *x, size_t ldx, uint32_t n_tok,
                                  const void *w, uint32_t cols, uint32_t r0, uint32_t r8) {
     for (uint32_t r = r0; r < r8;) {
-        const int wide = r8 - r >= 32; /* 4 tiles of 8 rows for 1-2 tokens */
+        const int wide = r8 - r >= 8 * DENSE_WIDE; /* DENSE_WIDE tiles of 8 rows at once for 1-2 tokens */
         uint32_t t0 = 0;
         for (; t0 + 4 <= n_tok; t0 += 4) {
             dense_rows(enc, 4, 1, y, ldy, x, ldx, t0, w, cols, r);
             if (wide)
-                for (int k = 1; k < 4; k++) dense_rows(enc, 4, 1, y, ldy, x, ldx, t0, w, cols, r + 8 * k);
+                for (int k = 1; k < DENSE_WIDE; k++) dense_rows(enc, 4, 1, y, ldy, x, ldx, t0, w, cols, r + 8 * k);
         }
         switch (n_tok - t0) {
         case 3:
-            for (int k = 0; k < (wide ? 4 : 1); k++) dense_rows(enc, 3, 1, y, ldy, x, ldx, t0, w, cols, r + 8 * k);
+            for (int k = 0; k < (wide ? DENSE_WIDE : 1); k++) dense_rows(enc, 3, 1, y, ldy, x, ldx, t0, w, cols, r + 8 * k);
             break;
         case 2:
-            if (wide) dense_rows(enc, 2, 4, y, ldy, x, ldx, t0, w, cols, r);
+            if (wide) dense_rows(enc, 2, DENSE_WIDE, y, ldy, x, ldx, t0, w, cols, r);
             else dense_rows(enc, 2, 1, y, ldy, x, ldx, t0, w, cols, r);
             break;
         case 1:
-            if (wide) dense_rows(enc, 1, 4, y, ldy, x, ldx, t0, w, cols, r);
+            if (wide) dense_rows(enc, 1, DENSE_WIDE, y, ldy, x, ldx, t0, w, cols, r);
             else dense_rows(enc, 1, 1, y, ldy, x, ldx, t0, w, cols, r);
             break;
         default: break;
         }
-        r += wide ? 32 : 8;
+        r += wide ? 8 * DENSE_WIDE : 8;
     }
 }
 
