@@ -1,12 +1,14 @@
 /* The pool hands work off through two counters instead of a mutex and condition variable per run
  * (a decoded token is ~150 runs): the caller publishes (fn, arg) and bumps `generation`; each worker
  * waits for the bump, runs, and bumps `n_done`; the caller waits until n_done reaches the run's
- * target. Every wait spins (with the CPU's pause hint) for up to POOL_SPIN polls, as ggml's pool
- * does, since the next run usually comes within microseconds, and only then sleeps on a condition
- * variable, so that idle threads (between tokens, or a context nobody uses) cost nothing. Every
- * POOL_YIELD polls the spinner yields the CPU: when there are more runnable threads than cores
- * (other jobs), the thread it waits for may be queued behind it, and a pure spin then cost 3-10x
- * the mutex pool's hand-off time here, a spin with yields about the same or less.
+ * target. Every wait first spins (with the CPU's pause hint), as ggml's pool does, since during
+ * a forward pass the next run comes within microseconds (the caller's serial work between runs is
+ * a norm or a rope of one token), and only then sleeps on a condition variable, so that idle
+ * threads (between tokens, or a context nobody uses) cost nothing. The spin is short, POOL_SPIN
+ * polls (~10-50 us): on a machine with more runnable threads than cores (other jobs), a spinner
+ * holds a core the thread it waits for may need, and a thread that never sleeps loses the
+ * scheduler's wake-up preference; longer spins (~1 ms), and spins that call sched_yield, made the
+ * hand-off 3-40x slower than the mutex pool's on the shared 2-core development VM, this one not.
  *
  * Sleeping without lost wake-ups: a sleeper increments n_sleeping under `mu`, then re-checks its
  * counter before waiting; a waker changes the counter, then reads n_sleeping and, if it is not
@@ -16,7 +18,6 @@
 #include "threadpool.h"
 
 #include <pthread.h>
-#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,10 +34,7 @@
 #define POOL_PAUSE() ((void)0)
 #endif
 
-enum {
-    POOL_SPIN = 1 << 14, /* polls before sleeping (~0.5-2 ms) */
-    POOL_YIELD = 64,     /* polls per sched_yield */
-};
+enum { POOL_SPIN = 512 }; /* polls before sleeping */
 
 typedef struct {
     bn_pool *pool;
@@ -63,8 +61,7 @@ struct bn_pool {
 static void wait_for(bn_pool *pool, _Atomic uint64_t *counter, uint64_t target) {
     for (uint32_t i = 0; i < POOL_SPIN; i++) {
         if (atomic_load_explicit(counter, memory_order_acquire) >= target) return;
-        if (i % POOL_YIELD == POOL_YIELD - 1) sched_yield();
-        else POOL_PAUSE();
+        POOL_PAUSE();
     }
     pthread_mutex_lock(&pool->mu);
     atomic_fetch_add(&pool->n_sleeping, 1);
