@@ -7,7 +7,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "bitnet.h"
+#include "bitnet_dev.h"
 #include "threadpool.h"
 
 #define MEMBW_ALIGN 4096

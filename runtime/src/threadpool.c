@@ -23,6 +23,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "bitnet_dev.h"
 #include "cpu.h"
 
 #if defined(__x86_64__) || defined(__i386__)
