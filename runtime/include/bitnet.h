@@ -171,12 +171,13 @@ const char *bn_context_error(const bn_context *ctx);
  * largest values (ties: the lower token id first), by threshold selection, never a full sort; top-p
  * keeps the smallest prefix of the candidates in that order whose softmax mass (temperature 1)
  * reaches top_p; min-p keeps tokens whose probability is >= min_p times the largest; the draw is from
- * softmax(value / temperature) over what is left. Tokens whose value after penalties and bias is NaN
- * or infinite are never candidates (a bias of -INFINITY bans a token); with no finite value at all,
- * the token with the largest value is returned (0 if all are NaN).
+ * softmax(value / temperature) over what is left. A value (after penalties and bias) that is NaN or
+ * -inf is never drawn (a bias of -INFINITY bans a token) and +inf counts as the largest float; when
+ * every value is NaN or -inf, token 0 is returned.
  * RNG: xoshiro256** (Blackman and Vigna) seeded by four outputs of splitmix64 from `seed`; a uniform
  * draw is u = (next() >> 11) * 2^-53 in [0, 1), and the token drawn is the first candidate (in the
- * sampler's internal order) whose running weight sum exceeds u * total. One uniform per sample. */
+ * sampler's order: by token id when top-k and top-p are off) whose running weight sum exceeds
+ * u * total. One uniform per sampled token; greedy sampling draws none. */
 typedef struct bn_sampler bn_sampler;
 typedef struct {
     float temperature;       /* >= 0; 0: greedy (argmax after penalties and bias, no draw) */
@@ -206,9 +207,10 @@ void bn_sampler_accept(bn_sampler *s, int32_t token);
 void bn_sampler_reset(bn_sampler *s);
 /* The next token for a row of n_vocab logits (which are not modified). */
 int32_t bn_sampler_sample(bn_sampler *s, const float *logits);
-/* The filtered, renormalized distribution sample() would draw from (for tests): *n receives its size,
- * ids/probs its first min(*n, cap) entries by descending probability (ties: lower id first). Greedy
- * gives the argmax with probability 1. Does not advance the RNG. */
+/* The filtered, renormalized distribution sample() would draw from (for tests): *n receives the number
+ * of tokens with a nonzero probability, ids/probs the first min(*n, cap) of them by descending
+ * probability (ties: lower id first). Greedy gives the argmax with probability 1. Does not advance
+ * the RNG. BN_ERR_NOMEM when no scratch can be allocated. */
 bn_status bn_sampler_probs(bn_sampler *s, const float *logits, int32_t *ids, float *probs, uint32_t cap,
                            uint32_t *n);
 /* The n most likely tokens under log_softmax(logits) (raw logits, no sampling filters), by descending
