@@ -3,6 +3,8 @@ bit: the ternary matmuls (I2, TL1, TL2) on awkward shapes and extreme activation
 output-head matmul, and whole-model logits with each variant forced through BITNET_RUN_KERNELS."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -103,6 +105,20 @@ def test_reference_is_first_and_names_are_unique():
     assert len(set(VARIANTS)) == len(VARIANTS)
     assert lib.bn_kernels_name(len(VARIANTS)) == ffi.NULL
     assert isinstance(ffi.string(lib.bn_kernels_cpu_features()).decode(), str)
+
+
+def test_variants_follow_the_cpu():
+    """Every variant whose CPU features are present is offered (a table with an entry left unset is
+    not: kernels.c checks them, so such a variant is missing here). tests/test_arm.py: the same on AArch64."""
+    if os.uname().machine != "x86_64":
+        pytest.skip("the x86-64 variants")
+    features = set(ffi.string(lib.bn_kernels_cpu_features()).decode().split())
+    want = ["ref"]
+    if {"avx2", "f16c"} <= features:
+        want.append("avx2")
+        if {"avx512bw", "avx512vnni"} <= features:
+            want.append("avx512vnni")
+    assert VARIANTS == want
 
 
 def test_bad_variant_is_an_error():
