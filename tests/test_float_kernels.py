@@ -108,24 +108,6 @@ def test_attention_reference_matches_numpy():
         np.testing.assert_allclose(attention_head(0, q, k, v, D, scale), want, rtol=1e-4, atol=1e-5)
 
 
-@needs_fast
-@pytest.mark.parametrize("variant", FAST, ids=[VARIANTS[i] for i in FAST])
-@settings(max_examples=120, deadline=None)
-@given(
-    n_pos=st.integers(1, 200),
-    D=st.one_of(st.sampled_from([8, 16, 32, 64, 128, 256]), st.integers(1, 40)),
-    extra=st.sampled_from([0, 0, 8, 37]),
-    spread=st.sampled_from([1e-3, 1.0, 30.0]),
-    seed=st.integers(0, 2**32 - 1),
-)
-def test_attention_variant_matches_reference(variant, n_pos, D, extra, spread, seed):
-    q, k, v = attention_inputs(n_pos, D, D + extra, np.random.default_rng(seed), spread)
-    scale = float(np.float32(1.0 / np.sqrt(D)))
-    want = attention_head(0, q, k, v, D, scale)
-    assert np.all(np.isfinite(want))
-    np.testing.assert_array_equal(attention_head(variant, q, k, v, D, scale).view(np.uint32), want.view(np.uint32))
-
-
 def test_attention_f16_reference_is_the_float_one_on_rounded_values():
     """The f16 reference widens exactly, then computes as the float one: on k, v rounded to f16 by
     numpy (to nearest even, subnormals included) the two agree bit for bit."""
@@ -141,6 +123,7 @@ def test_attention_f16_reference_is_the_float_one_on_rounded_values():
 
 @needs_fast
 @pytest.mark.parametrize("variant", FAST, ids=[VARIANTS[i] for i in FAST])
+@pytest.mark.parametrize("kv", ["f32", "f16"])
 @settings(max_examples=120, deadline=None)
 @given(
     n_pos=st.integers(1, 200),
@@ -150,12 +133,13 @@ def test_attention_f16_reference_is_the_float_one_on_rounded_values():
     kv_scale=st.sampled_from([1.0, 1e-6, 300.0]),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_attention_f16_variant_matches_reference(variant, n_pos, D, extra, spread, kv_scale, seed):
+def test_attention_variant_matches_reference(variant, kv, n_pos, D, extra, spread, kv_scale, seed):
+    """Over a float and over an f16 cache (kv_scale 1e-6: mostly f16 subnormals)."""
     q, k, v = attention_inputs(n_pos, D, D + extra, np.random.default_rng(seed), spread, kv_scale)
     scale = float(np.float32(1.0 / np.sqrt(D)))
-    want = attention_head(0, q, k, v, D, scale, "f16")
+    want = attention_head(0, q, k, v, D, scale, kv)
     assert np.all(np.isfinite(want))
-    got = attention_head(variant, q, k, v, D, scale, "f16")
+    got = attention_head(variant, q, k, v, D, scale, kv)
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
