@@ -4,7 +4,7 @@ CPU without the dot-product extension (Cortex-A53: ref, neon) and one with it (C
 neon-dotprod). Every kernel of every variant there must equal this machine's reference kernel bit
 for bit (so the AArch64 reference too) on random, odd-shaped and extreme inputs, and the demo model's
 logits there (as bundled, I2 with a bf16 head, and converted to TL1, and to TL2 with the 8-bit head)
-must equal this machine's with BITNET_RUN_KERNELS=ref.
+must equal this machine's with BITNET_RUN_KERNELS=ref, with either KV cache type.
 
 Needs gcc-aarch64-linux-gnu, libc6-dev-arm64-cross and qemu-user (Debian/Ubuntu); skipped without
 them unless BITNET_RUN_REQUIRE_ARM=1 (set by .ci/run), which makes their absence a failure."""
@@ -253,13 +253,17 @@ def test_quantize_kernels(arm, cols, n_rows, kind, seed):
     D=st.one_of(st.sampled_from([8, 16, 64, 128]), st.integers(1, 40)),
     extra=st.sampled_from([0, 0, 4, 37]),
     spread=st.sampled_from([1e-3, 1.0, 30.0]),
+    kv=st.sampled_from(["f32", "f16"]),
+    kv_scale=st.sampled_from([1.0, 1e-6, 300.0]),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_attention_kernels(arm, n_pos, D, extra, spread, seed):
-    q, k, v = attention_inputs(n_pos, D, D + extra, np.random.default_rng(seed), spread)
+def test_attention_kernels(arm, n_pos, D, extra, spread, kv, kv_scale, seed):
+    """Both attention kernels: over a float cache, and over an f16 one (k, v rounded to f16, kv_scale
+    1e-6 making most of them subnormal)."""
+    q, k, v = attention_inputs(n_pos, D, D + extra, np.random.default_rng(seed), spread, kv_scale)
     scale = np.float32(1.0 / np.sqrt(D))
-    outs = arm.request(f"attention {n_pos} {D} {D + extra} {int(scale.view(np.uint32))}", q, k, v)
-    assert_same(arm, outs, attention_head(0, q, k, v, D, float(scale)))
+    outs = arm.request(f"attention {kv} {n_pos} {D} {D + extra} {int(scale.view(np.uint32))}", q, k, v)
+    assert_same(arm, outs, attention_head(0, q, k, v, D, float(scale), kv))
 
 
 # ---- the whole model ----
@@ -281,12 +285,12 @@ def demo_models(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def _reference_logits(path: Path) -> list[tuple[list[int], np.ndarray]]:
-    """The prompts' tokens and logits on this machine with the reference kernels."""
+def _reference_logits(path: Path, kv: str) -> list[tuple[list[int], np.ndarray]]:
+    """The prompts' tokens and logits on this machine with the reference kernels and a KV cache of type kv."""
     saved = os.environ.get("BITNET_RUN_KERNELS")
     os.environ["BITNET_RUN_KERNELS"] = "ref"
     try:
-        model = Model(path, n_threads=2)
+        model = Model(path, n_threads=2, kv_type=kv)
         cases = [(ids, _raw_eval(model, ids)) for ids in (model.tokenize(p) for p in PROMPTS)]
         del model
     finally:
@@ -297,17 +301,19 @@ def _reference_logits(path: Path) -> list[tuple[list[int], np.ndarray]]:
     return cases
 
 
+@pytest.mark.parametrize("kv", ["f16", "f32"])
 @pytest.mark.parametrize("model", ["i2-bf16", "tl1-bf16", "tl2-q8"])
-def test_demo_logits_equal_this_machines_reference(arm, demo_models, model):
-    """Prompt logits (all positions) and one decoding step, every AArch64 variant at 2 threads."""
+def test_demo_logits_equal_this_machines_reference(arm, demo_models, model, kv):
+    """Prompt logits (all positions) and one decoding step, every AArch64 variant at 2 threads, with
+    the default (f16) KV cache and with a float one."""
     path = demo_models[model]
-    for ids, expected in _reference_logits(path):
+    for ids, expected in _reference_logits(path, kv):
         assert np.all(np.isfinite(expected))
         for variant, name in enumerate(arm.variants):
-            (out,) = arm.request(f"logits {variant} 2 {len(ids)} {path}", np.asarray(ids, dtype=np.int32))
+            (out,) = arm.request(f"logits {variant} 2 {kv} {len(ids)} {path}", np.asarray(ids, dtype=np.int32))
             got = np.frombuffer(out, dtype=np.float32).reshape(expected.shape)
             np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32),
-                                          err_msg=f"{model}: {name} on {arm.cpu}, prompt {ids}")
+                                          err_msg=f"{model}, {kv} cache: {name} on {arm.cpu}, prompt {ids}")
 
 
 # ---- each build compiles the other architecture's kernels out ----

@@ -111,7 +111,8 @@ extern const bn_kernels bn_kernels_neon;
 extern const bn_kernels bn_kernels_neon_dotprod;
 #endif
 
-/* The variants usable on this CPU, index 0 the reference, then from slowest to fastest. */
+/* The variants usable on this CPU whose tables are complete (every entry set), index 0 the reference,
+ * then from slowest to fastest. */
 uint32_t bn_kernels_n_available(void);
 const bn_kernels *bn_kernels_available(uint32_t i); /* NULL if i is out of range */
 

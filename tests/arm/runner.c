@@ -10,11 +10,12 @@
  *   dense ENC THREADS N_TOK ROWS COLS         + x f32 [n_tok][cols], w [rows][cols]     -> y f32 [n_tok][rows]
  *   q8 THREADS N_TOK ROWS COLS                + x int8, xs f32 [n_tok], w Q8_R          -> y f32 [n_tok][rows]
  *   quantize N_ROWS COLS                      + x f32 [n_rows][cols]       -> q int8 [n_rows][cols], s f32 [n_rows]
- *   attention N_POS D STRIDE SCALE_BITS       + q f32 [D], k, v f32 [n_pos][stride]     -> out f32 [D]
- *   logits VARIANT THREADS N_TOK PATH         + tokens int32 [n_tok]
+ *   attention KV N_POS D STRIDE SCALE_BITS    + q f32 [D], k, v f32 [n_pos][stride]     -> out f32 [D]
+ *       KV f32: the float attention kernel; f16: k and v rounded to f16, then the f16 one.
+ *   logits VARIANT THREADS KV N_TOK PATH      + tokens int32 [n_tok]
  *       -> one output: logits f32 [n_tok + 1][vocab], of the prompt evaluated at once from position 0,
  *          then of one decoding step (the first token again at position n_tok), with BITNET_RUN_KERNELS
- *          set to the variant's name.
+ *          set to the variant's name and a KV cache of type KV (f16 or f32).
  * Exits at end of input (0) or on a malformed request (2). */
 #include <inttypes.h>
 #include <stdio.h>
@@ -106,19 +107,30 @@ static void quantize(const char *args) {
     free(out);
 }
 
+/* The KV cache type named by a request ("f16" or "f32"); fails on anything else. */
+static bn_kv_type kv_type(const char *name) {
+    if (strcmp(name, "f16") == 0) return BN_KV_F16;
+    if (strcmp(name, "f32") == 0) return BN_KV_F32;
+    fail("bad KV type (expected f16 or f32)");
+    return BN_KV_F16;
+}
+
 static void attention(const char *args) {
     const uint32_t nv = bn_kernels_count();
     uint32_t n_pos, D, scale_bits;
     uint64_t stride;
-    if (sscanf(args, "%" SCNu32 " %" SCNu32 " %" SCNu64 " %" SCNu32, &n_pos, &D, &stride, &scale_bits) != 4)
+    char kv[8];
+    if (sscanf(args, "%7s %" SCNu32 " %" SCNu32 " %" SCNu64 " %" SCNu32, kv, &n_pos, &D, &stride, &scale_bits) != 5)
         fail("bad attention arguments");
+    bn_status (*head)(uint32_t, float *, const float *, const float *, const float *, uint64_t, uint32_t, uint32_t,
+                      float) = kv_type(kv) == BN_KV_F16 ? bn_kernels_attention_head_f16 : bn_kernels_attention_head;
     float scale;
     memcpy(&scale, &scale_bits, 4);
     float *q = read_input((size_t)D * 4), *k = read_input((size_t)n_pos * stride * 4),
           *v = read_input((size_t)n_pos * stride * 4);
     unsigned char *out = outputs(nv, (size_t)D * 4);
     for (uint32_t i = 0; i < nv; i++)
-        check(bn_kernels_attention_head(i, (float *)(out + (size_t)i * D * 4), q, k, v, stride, n_pos, D, scale));
+        check(head(i, (float *)(out + (size_t)i * D * 4), q, k, v, stride, n_pos, D, scale));
     reply(out, nv, (size_t)D * 4);
     free(q);
     free(k);
@@ -128,10 +140,14 @@ static void attention(const char *args) {
 
 static void logits(const char *args) {
     uint32_t variant, nth, n_tok;
+    char kv[8];
     int used = 0;
-    if (sscanf(args, "%" SCNu32 " %" SCNu32 " %" SCNu32 " %n", &variant, &nth, &n_tok, &used) != 3 || !used ||
-        n_tok == 0 || variant >= bn_kernels_count())
+    if (sscanf(args, "%" SCNu32 " %" SCNu32 " %7s %" SCNu32 " %n", &variant, &nth, kv, &n_tok, &used) != 4 ||
+        !used || n_tok == 0 || variant >= bn_kernels_count())
         fail("bad logits arguments");
+    bn_context_params params = bn_context_default_params();
+    params.n_threads = nth;
+    params.kv_type = kv_type(kv);
     const char *path = args + used;
     int32_t *tokens = read_input((size_t)n_tok * 4);
     setenv("BITNET_RUN_KERNELS", bn_kernels_name(variant), 1);
@@ -140,7 +156,8 @@ static void logits(const char *args) {
     bn_model *model;
     bn_context *ctx;
     if (bn_model_load(path, &model, err, sizeof err) != BN_OK) fail(err);
-    if (bn_context_new(model, 0, nth, &ctx, err, sizeof err) != BN_OK) fail(err);
+    if (bn_context_new_ext(model, &params, &ctx, err, sizeof err) != BN_OK) fail(err);
+    if (bn_context_kv_type(ctx) != params.kv_type) fail("the context has another KV type than asked for");
     bn_hparams hp;
     bn_model_hparams(model, &hp);
     const size_t bytes = (size_t)(n_tok + 1) * hp.vocab_size * 4;

@@ -41,7 +41,7 @@
  * default rounding mode) and the clamps (FMAXNM / FMINNM send a NaN to -128 like fminf(fmaxf(.)))
  * per element; the q.k dot products in two 4-lane halves of bn_dot8_f32's 8 partial sums, reduced
  * in its order, and the weighted sum of the values vectorized over elements, each summed over
- * positions in order. */
+ * positions in order; over the f16 KV cache the same, every key and value widened exactly first. */
 #if defined(__aarch64__)
 
 #include <arm_neon.h>
@@ -325,7 +325,8 @@ enum {
     DENSE_GROUPS = 2, /* groups of 4 rows per call of dense_rows, at most */
 };
 
-/* w[i .. i+3] of an F32 / F16 / BF16 matrix as floats. */
+/* w[i .. i+3] of an F32 / F16 / BF16 array as floats (exact widening): the output head's weights,
+ * and the keys and values of attention over either KV cache type. */
 BN_INLINE float32x4_t dense_load4(int enc, const void *w, size_t i) {
     if (enc == BN_ENC_F32) return vld1q_f32((const float *)w + i);
     const uint16x4_t h = vld1_u16((const uint16_t *)w + i);
@@ -484,19 +485,20 @@ static float quantize_row_neon(int8_t *q, const float *x, uint32_t n) {
     return s;
 }
 
-/* bn_dot8_f32(a, b, n): partial sums 0-3 in s03, 4-7 in s47, the rest element by element. */
-BN_INLINE float dot8_neon(const float *a, const float *b, uint32_t n) {
+/* bn_dot8_f32(a, b, n) with b[i] element b0 + i of an F32 or F16 row (enc: dense_load4's widening,
+ * exact): partial sums 0-3 in s03, 4-7 in s47, the rest element by element. */
+BN_INLINE float dot8_neon(const float *a, int enc, const void *b, uint64_t b0, uint32_t n) {
     float32x4_t s03 = vdupq_n_f32(0.0f), s47 = vdupq_n_f32(0.0f);
     uint32_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        s03 = vaddq_f32(s03, vmulq_f32(vld1q_f32(a + i), vld1q_f32(b + i)));
-        s47 = vaddq_f32(s47, vmulq_f32(vld1q_f32(a + i + 4), vld1q_f32(b + i + 4)));
+        s03 = vaddq_f32(s03, vmulq_f32(vld1q_f32(a + i), dense_load4(enc, b, b0 + i)));
+        s47 = vaddq_f32(s47, vmulq_f32(vld1q_f32(a + i + 4), dense_load4(enc, b, b0 + i + 4)));
     }
     if (i < n) {
         float s[8];
         vst1q_f32(s, s03);
         vst1q_f32(s + 4, s47);
-        for (; i < n; i++) s[i % 8] += a[i] * b[i];
+        for (; i < n; i++) s[i % 8] += a[i] * dense_at(enc, b, b0 + i);
         s03 = vld1q_f32(s);
         s47 = vld1q_f32(s + 4);
     }
@@ -505,19 +507,34 @@ BN_INLINE float dot8_neon(const float *a, const float *b, uint32_t n) {
     return vget_lane_f32(u, 0) + vget_lane_f32(u, 1);
 }
 
-static void attention_head_neon(float *out, const float *q, const float *k, const float *v, uint64_t stride,
-                                uint32_t n_pos, uint32_t D, float scale, float *att) {
-    for (uint32_t j = 0; j < n_pos; j++) att[j] = dot8_neon(q, k + j * stride, D) * scale;
+/* One attention head over a float (enc BN_ENC_F32) or f16 (BN_ENC_F16) cache; enc is a constant at
+ * each call. An f16 key or value is widened exactly (FCVTL) before the reference's float operations;
+ * the cache holds no signalling NaN (bn_f32_to_fp16 makes NaNs quiet), the one input where FCVTL's
+ * bits and bn_fp16_to_f32's would differ. */
+BN_INLINE void attention_head(int enc, float *out, const float *q, const void *k, const void *v, uint64_t stride,
+                              uint32_t n_pos, uint32_t D, float scale, float *att) {
+    for (uint32_t j = 0; j < n_pos; j++) att[j] = dot8_neon(q, enc, k, j * stride, D) * scale;
     const float sum = bn_softmax_numerators(att, n_pos);
     memset(out, 0, D * sizeof *out);
     const uint32_t D4 = D / 4 * 4;
     for (uint32_t j = 0; j < n_pos; j++) {
-        const float *vj = v + j * stride;
+        const uint64_t vj = j * stride;
         const float p = att[j] / sum;
         const float32x4_t pv = vdupq_n_f32(p);
-        for (uint32_t i = 0; i < D4; i += 4) vst1q_f32(out + i, vaddq_f32(vld1q_f32(out + i), vmulq_f32(pv, vld1q_f32(vj + i))));
-        for (uint32_t i = D4; i < D; i++) out[i] += p * vj[i];
+        for (uint32_t i = 0; i < D4; i += 4)
+            vst1q_f32(out + i, vaddq_f32(vld1q_f32(out + i), vmulq_f32(pv, dense_load4(enc, v, vj + i))));
+        for (uint32_t i = D4; i < D; i++) out[i] += p * dense_at(enc, v, vj + i);
     }
+}
+
+static void attention_head_neon(float *out, const float *q, const float *k, const float *v, uint64_t stride,
+                                uint32_t n_pos, uint32_t D, float scale, float *att) {
+    attention_head(BN_ENC_F32, out, q, k, v, stride, n_pos, D, scale, att);
+}
+
+static void attention_head_f16_neon(float *out, const float *q, const uint16_t *k, const uint16_t *v,
+                                    uint64_t stride, uint32_t n_pos, uint32_t D, float scale, float *att) {
+    attention_head(BN_ENC_F16, out, q, k, v, stride, n_pos, D, scale, att);
 }
 
 const bn_kernels bn_kernels_neon = {
@@ -529,6 +546,7 @@ const bn_kernels bn_kernels_neon = {
     .q8_matmul = q8_matmul_neon,
     .quantize_row = quantize_row_neon,
     .attention_head = attention_head_neon,
+    .attention_head_f16 = attention_head_f16_neon,
 };
 
 const bn_kernels bn_kernels_neon_dotprod = {
@@ -540,6 +558,7 @@ const bn_kernels bn_kernels_neon_dotprod = {
     .q8_matmul = q8_matmul_dotprod,
     .quantize_row = quantize_row_neon,
     .attention_head = attention_head_neon,
+    .attention_head_f16 = attention_head_f16_neon,
 };
 
 #else
