@@ -27,7 +27,6 @@ def case(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     src = write_1bitllm_checkpoint(root / "hf", **args)
     path = convert_checkpoint(src, root / "model.bnr", weights=weights)
-    # the f32 cache: the reference keeps keys and values in float32
     return Model(path, n_threads=2, kv_type="f32"), OneBitReference(src), src, path
 
 
