@@ -110,8 +110,12 @@ def make_config(
     tied: bool = True,
     max_pos: int = 256,
     rope_theta: float = 500000.0,
+    arch: str = "bitnet",
+    head_dim: int | None = None,
 ) -> dict:
-    """config.json of a tiny BitNetForCausalLM (the writers add quantization_config)."""
+    """config.json of a tiny BitNetForCausalLM, or with arch="llama" of a LlamaForCausalLM (Falcon3 /
+    Llama3-8B-1.58 style: SiLU, no sub-norms, head_dim from the config); the writers add
+    quantization_config."""
     ids = special_ids()
     if vocab <= max(ids.values()):
         raise ValueError(f"vocab {vocab} is smaller than the tokenizer's {max(ids.values()) + 1} tokens")
@@ -136,19 +140,28 @@ def make_config(
         "bos_token_id": ids[BOS],
         "eos_token_id": ids[EOS],
         "dtype": "bfloat16",
-    }
+    } | ({"head_dim": head_dim} if head_dim else {}) | ({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-6,
+        "mlp_bias": False,
+    } if arch == "llama" else {})
 
 
 def _quantization_config(mode: str) -> dict:
     return {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": mode}
 
 
-def master_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
+SUB_NORMS = ("self_attn.attn_sub_norm", "mlp.ffn_sub_norm")
+
+
+def master_weights(config: dict, seed: int, sub_norms: tuple[str, str] | None = SUB_NORMS,
+                   linear_norms: bool = False) -> dict[str, torch.Tensor]:
     """Random bf16 master weights that make a non-degenerate model: linear weights N(0, 1/in) keep
-    BitLinear outputs O(1), norms are 1 + noise, embeddings give logits of a few units."""
+    BitLinear outputs O(1), norms are 1 + noise, embeddings give logits of a few units. sub_norms: the
+    checkpoint's names of the attention and FFN sub-norms (None: a layout without them); linear_norms:
+    a `<proj>.rms_norm.weight` per BitLinear (quantization_config use_rms_norm)."""
     rng = np.random.default_rng(seed)
     H, I, V = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    D = H // config["num_attention_heads"]
+    D = config.get("head_dim") or H // config["num_attention_heads"]
     q, kv = config["num_attention_heads"] * D, config["num_key_value_heads"] * D
 
     def normal(shape, std):
@@ -166,11 +179,14 @@ def master_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
         L = f"model.layers.{i}"
         tensors[f"{L}.input_layernorm.weight"] = norm(H)
         tensors[f"{L}.post_attention_layernorm.weight"] = norm(H)
-        tensors[f"{L}.self_attn.attn_sub_norm.weight"] = norm(H)
-        tensors[f"{L}.mlp.ffn_sub_norm.weight"] = norm(I)
+        if sub_norms is not None:
+            tensors[f"{L}.{sub_norms[0]}.weight"] = norm(q)
+            tensors[f"{L}.{sub_norms[1]}.weight"] = norm(I)
         for proj in PROJECTIONS:
             out_features, in_features = shapes[proj]
             tensors[f"{L}.{proj}.weight"] = normal((out_features, in_features), 1.0 / np.sqrt(in_features))
+            if linear_norms:
+                tensors[f"{L}.{proj}.rms_norm.weight"] = norm(in_features)
     return tensors
 
 
@@ -260,7 +276,7 @@ def load_reference(directory: Path):
 
     model, info = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, output_loading_info=True)
     if info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]:
-        raise AssertionError(f"{directory}: checkpoint does not match BitNetForCausalLM: {info}")
+        raise AssertionError(f"{directory}: checkpoint does not match {model.config.architectures}: {info}")
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
             if tensor.is_floating_point():
@@ -269,75 +285,6 @@ def load_reference(directory: Path):
 
 
 # --------------------------------------------------------------------------- Llama-architecture BitLinear checkpoints
-
-
-def make_llama_config(
-    vocab: int = 384,
-    hidden: int = 128,
-    intermediate: int = 344,
-    layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 1,
-    head_dim: int | None = None,
-    tied: bool = False,
-    max_pos: int = 256,
-    rope_theta: float = 1000042.0,
-) -> dict:
-    """config.json of a tiny LlamaForCausalLM (Falcon3 / Llama3-8B-1.58 style: SiLU, no sub-norms,
-    head_dim from the config); the writers add quantization_config."""
-    ids = special_ids()
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": vocab,
-        "hidden_size": hidden,
-        "intermediate_size": intermediate,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "head_dim": head_dim or hidden // heads,
-        "hidden_act": "silu",
-        "max_position_embeddings": max_pos,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": rope_theta,
-        "tie_word_embeddings": tied,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "bos_token_id": ids[BOS],
-        "eos_token_id": ids[EOS],
-        "torch_dtype": "bfloat16",
-    }
-
-
-def llama_master_weights(config: dict, seed: int, linear_norms: bool) -> dict[str, torch.Tensor]:
-    """Random bf16 master weights of a Llama-architecture model, with a `<proj>.rms_norm.weight` per
-    BitLinear when linear_norms (quantization_config use_rms_norm)."""
-    rng = np.random.default_rng(seed)
-    H, I, V = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    D = config["head_dim"]
-    q, kv = config["num_attention_heads"] * D, config["num_key_value_heads"] * D
-
-    def normal(shape, std):
-        return torch.from_numpy(rng.normal(0.0, std, shape).astype(np.float32)).bfloat16()
-
-    def norm(size):
-        return torch.from_numpy((1.0 + 0.1 * rng.standard_normal(size)).astype(np.float32)).bfloat16()
-
-    shapes = {"self_attn.q_proj": (q, H), "self_attn.k_proj": (kv, H), "self_attn.v_proj": (kv, H),
-              "self_attn.o_proj": (H, q), "mlp.gate_proj": (I, H), "mlp.up_proj": (I, H), "mlp.down_proj": (H, I)}
-    tensors = {"model.embed_tokens.weight": normal((V, H), 2.0 / np.sqrt(H)), "model.norm.weight": norm(H)}
-    if not config["tie_word_embeddings"]:
-        tensors["lm_head.weight"] = normal((V, H), 2.0 / np.sqrt(H))
-    for i in range(config["num_hidden_layers"]):
-        L = f"model.layers.{i}"
-        tensors[f"{L}.input_layernorm.weight"] = norm(H)
-        tensors[f"{L}.post_attention_layernorm.weight"] = norm(H)
-        for proj in PROJECTIONS:
-            out_features, in_features = shapes[proj]
-            tensors[f"{L}.{proj}.weight"] = normal((out_features, in_features), 1.0 / np.sqrt(in_features))
-            if linear_norms:
-                tensors[f"{L}.{proj}.rms_norm.weight"] = norm(in_features)
-    return tensors
 
 
 def _llama_quantization_config(packed: bool, use_rms_norm: bool) -> dict:
@@ -353,7 +300,7 @@ def write_llama_checkpoint(directory: Path, config: dict, seed: int, packed: boo
     """A Llama-architecture BitLinear checkpoint: packed uint8 linears with an inverted weight_scale
     (Falcon3-1.58bit / Llama3-8B-1.58 style), or bf16 master weights quantized online."""
     config = {**config, "quantization_config": _llama_quantization_config(packed, use_rms_norm)}
-    tensors = llama_master_weights(config, seed, use_rms_norm)
+    tensors = master_weights(config, seed, sub_norms=None, linear_norms=use_rms_norm)
     if packed:
         tensors = packed_tensors(tensors, torch.bfloat16)
         for name in [n for n in tensors if n.endswith(".weight_scale")]:
@@ -396,7 +343,7 @@ def use_q8_head(model) -> None:
 
 # --------------------------------------------------------------------------- 1bitLLM bitnet_b1_58 checkpoints
 
-ONEBIT_PROJECTION_NORMS = {"self_attn.inner_attn_ln": "H", "mlp.ffn_layernorm": "I"}
+ONEBIT_SUB_NORMS = ("self_attn.inner_attn_ln", "mlp.ffn_layernorm")
 
 
 def sentencepiece_model(directory: Path, vocab_size: int = 400) -> Path:
@@ -431,14 +378,7 @@ def write_1bitllm_checkpoint(directory: Path, hidden: int, intermediate: int, he
         "attention_bias": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 32000 % vocab,
         "torch_dtype": "float16", "weight_bits": 1, "input_bits": 8,
     }
-    base = {**config, "head_dim": hidden // heads, "tie_word_embeddings": tied}
-    tensors = {n: t.half() for n, t in llama_master_weights(base, seed, linear_norms=False).items()}
-    rng = np.random.default_rng(seed + 1000)
-    size = {"H": hidden, "I": intermediate}
-    for i in range(layers):
-        for norm, n in ONEBIT_PROJECTION_NORMS.items():
-            tensors[f"model.layers.{i}.{norm}.weight"] = torch.from_numpy(
-                (1.0 + 0.1 * rng.standard_normal(size[n])).astype(np.float32)).half()
+    tensors = {n: t.half() for n, t in master_weights(config, seed, ONEBIT_SUB_NORMS).items()}
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})

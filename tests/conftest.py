@@ -18,8 +18,8 @@ def tiny_model_factory(tmp_path_factory):
     the transformers reference on it."""
     from bitnet_run import Model
     from bitnet_run.convert import convert_checkpoint
-    from checkpoints import (load_reference, make_config, make_llama_config, use_q8_head, write_llama_checkpoint,
-                             write_master_checkpoint, write_packed_checkpoint)
+    from checkpoints import (load_reference, make_config, use_q8_head, write_llama_checkpoint, write_master_checkpoint,
+                             write_packed_checkpoint)
 
     built = {}
 
@@ -35,7 +35,7 @@ def tiny_model_factory(tmp_path_factory):
             shape = dict(hidden=hidden, intermediate=INTERMEDIATE[hidden], layers=layers, heads=heads,
                          kv_heads=kv_heads, tied=tied)
             if arch == "llama":
-                write_llama_checkpoint(root / "hf", make_llama_config(head_dim=head_dim, **shape), seed,
+                write_llama_checkpoint(root / "hf", make_config(arch="llama", head_dim=head_dim, **shape), seed,
                                        packed=fmt == "packed", use_rms_norm=use_rms_norm)
             else:
                 writer = write_packed_checkpoint if fmt == "packed" else write_master_checkpoint
