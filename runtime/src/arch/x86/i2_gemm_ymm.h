@@ -3,7 +3,7 @@
  *   I2Y_TARGET        the function attribute of its instruction set;
  *   I2Y_DPBUSD(a,c,x) when it has vpdpbusd on ymm: a + the 4-product sums of u8 c times s8 x, in
  *                     int32 lanes; without it products go through maddubs (below).
- * It gets i2y_matmul, a bn_ternary_matmul_fn for I2 weights (kernels.h).
+ * It gets i2y_tiling, the tiles for bn_i2_gemm (kernels_x86.h), which drives them.
  *
  * One step reads 32 weight bytes (128 elements) of each of R rows; byte k holds elements 4k..4k+3.
  * The activations of each token are deinterleaved once per call (bn_i2_planes_avx2, interleave 1)
@@ -16,8 +16,7 @@
  * in int16 (<= 16384, no saturation) before madd(ones) widens them into int32.
  * A tile is R = 2 rows x NT <= 4 tokens: 8 accumulators, 2 code and 1 activation register, 3
  * constants, within the 16 ymm registers; each code plane serves 4 tokens, each activation plane 2
- * rows. Rows outer, tokens inner: a tile's rows are read from memory once, then stay in L1 while
- * all tokens pass. A single token (decoding, memory-bound) takes rows one at a time as one
+ * rows. A single token (decoding, memory-bound) takes rows one at a time (bn_i2_gemm) as one
  * sequential, prefetched stream, with an accumulator per plane (four independent chains). Zero
  * padding of the activations makes whatever codes sit past `cols` harmless; a row's last partial
  * 32 bytes are copied into a zeroed block, so nothing is read past the matrix. */
@@ -36,7 +35,6 @@ enum {
     I2Y_ROWS = 2,         /* rows sharing each activation plane */
     I2Y_TOKENS = 4,       /* tokens sharing each code plane */
     I2Y_GROUP = 8,        /* maddubs: blocks summed in int16 before widening */
-    I2Y_TOKEN_CHUNK = 64, /* tokens deinterleaved per pass (bounds the scratch memory) */
     I2Y_PREFETCH = 2048,  /* bytes ahead in the weight stream when decoding */
 };
 
@@ -128,14 +126,13 @@ I2Y_TARGET I2Y_INLINE void i2y_tile(int R, int NT, const uint8_t *w, uint32_t ro
     }
 }
 
-typedef void (*i2y_tile_fn)(const uint8_t *, uint32_t, const int8_t *, size_t, const int32_t *, int32_t *, size_t);
-
 /* Instances with constant row and token counts, so that the accumulators live in registers. */
 #define I2Y_INSTANCE(R, NT)                                                                                        \
     I2Y_TARGET static void i2y_tile_##R##x##NT(const uint8_t *w, uint32_t rb, const int8_t *p, size_t ts,          \
                                                const int32_t *s, int32_t *y, size_t ldy) {                        \
         i2y_tile(R, NT, w, rb, p, ts, s, y, ldy);                                                                  \
     }
+I2Y_INSTANCE(2, 1)
 I2Y_INSTANCE(2, 2)
 I2Y_INSTANCE(2, 3)
 I2Y_INSTANCE(2, 4)
@@ -144,40 +141,11 @@ I2Y_INSTANCE(1, 2)
 I2Y_INSTANCE(1, 3)
 I2Y_INSTANCE(1, 4)
 
-I2Y_TARGET static void i2y_matmul(int32_t *y, size_t ldy, const int8_t *x, size_t ldx, uint32_t n_tok,
-                                  const uint8_t *w, uint32_t cols, uint32_t r0, uint32_t r1) {
-    if (r0 >= r1 || n_tok == 0) return;
-    const uint32_t row_bytes = (cols + 3) / 4;
-    const size_t tstride = (size_t)(cols + I2Y_BLOCK - 1) / I2Y_BLOCK * I2Y_BLOCK; /* plane bytes per token */
-    const uint32_t chunk = n_tok < I2Y_TOKEN_CHUNK ? n_tok : I2Y_TOKEN_CHUNK;
-    int8_t *planes = bn_x86_scratch(chunk * tstride + chunk * sizeof(int32_t));
-    if (!planes) { /* out of memory: the reference gives the same result */
-        bn_kernels_ref.i2_matmul(y, ldy, x, ldx, n_tok, w, cols, r0, r1);
-        return;
-    }
-    int32_t *sums = (int32_t *)(planes + chunk * tstride);
-    /* [k] for k tokens; a single token goes row by row (tile1[1]) */
-    static const i2y_tile_fn tile2[I2Y_TOKENS + 1] = {NULL, i2y_tile_1x1, i2y_tile_2x2, i2y_tile_2x3, i2y_tile_2x4};
-    static const i2y_tile_fn tile1[I2Y_TOKENS + 1] = {NULL, i2y_tile_1x1, i2y_tile_1x2, i2y_tile_1x3, i2y_tile_1x4};
-
-    for (uint32_t t0 = 0; t0 < n_tok; t0 += chunk) {
-        const uint32_t nt = n_tok - t0 < chunk ? n_tok - t0 : chunk;
-        for (uint32_t t = 0; t < nt; t++) sums[t] = bn_i2_planes_avx2(planes + t * tstride, x + (t0 + t) * ldx, cols, 1);
-        for (uint32_t r = r0; r < r1;) {
-            const uint32_t R = r1 - r >= I2Y_ROWS && nt > 1 ? I2Y_ROWS : 1;
-            for (uint32_t tb = 0; tb < nt; tb += I2Y_TOKENS) {
-                const uint32_t k = nt - tb < I2Y_TOKENS ? nt - tb : I2Y_TOKENS;
-                if (R == I2Y_ROWS && k == 1) /* a lone last token of a 2-row tile: row by row */
-                    for (uint32_t i = 0; i < R; i++)
-                        i2y_tile_1x1(w + (size_t)(r + i) * row_bytes, row_bytes, planes + tb * tstride, tstride,
-                                     sums + tb, y + (size_t)(t0 + tb) * ldy + r + i, ldy);
-                else
-                    (R == I2Y_ROWS ? tile2 : tile1)[k](w + (size_t)r * row_bytes, row_bytes, planes + tb * tstride,
-                                                       tstride, sums + tb, y + (size_t)(t0 + tb) * ldy + r, ldy);
-            }
-            r += R;
-        }
-    }
-}
+static const bn_i2_tiling i2y_tiling = {
+    .interleave = 1,
+    .rows = I2Y_ROWS,
+    .multi = {NULL, i2y_tile_2x1, i2y_tile_2x2, i2y_tile_2x3, i2y_tile_2x4},
+    .single = {NULL, i2y_tile_1x1, i2y_tile_1x2, i2y_tile_1x3, i2y_tile_1x4},
+};
 
 #endif

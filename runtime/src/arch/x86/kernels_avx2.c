@@ -148,8 +148,45 @@ BN_AVX2 int32_t bn_i2_planes_avx2(int8_t *dst, const int8_t *x, uint32_t cols, u
     return (int32_t)(hsum_epi64(sum) - (int64_t)128 * I2_BLOCK * nblk);
 }
 
+enum { I2_TOKEN_CHUNK = 64 }; /* tokens deinterleaved per pass of bn_i2_gemm (bounds the scratch memory) */
+
+/* kernels_x86.h. Each tile function is called through a pointer, once per tile (not per step). */
+void bn_i2_gemm(const bn_i2_tiling *tiling, int32_t *y, size_t ldy, const int8_t *x, size_t ldx, uint32_t n_tok,
+                const uint8_t *w, uint32_t cols, uint32_t r0, uint32_t r1) {
+    if (r0 >= r1 || n_tok == 0) return;
+    const uint32_t row_bytes = (cols + 3) / 4, block = I2_BLOCK * tiling->interleave;
+    const size_t tstride = (size_t)(cols + block - 1) / block * block; /* plane bytes per token */
+    const uint32_t chunk = n_tok < I2_TOKEN_CHUNK ? n_tok : I2_TOKEN_CHUNK;
+    int8_t *planes = bn_x86_scratch(chunk * tstride + chunk * sizeof(int32_t));
+    if (!planes) { /* out of memory: the reference gives the same result */
+        bn_kernels_ref.i2_matmul(y, ldy, x, ldx, n_tok, w, cols, r0, r1);
+        return;
+    }
+    int32_t *sums = (int32_t *)(planes + chunk * tstride);
+    for (uint32_t t0 = 0; t0 < n_tok; t0 += chunk) {
+        const uint32_t nt = n_tok - t0 < chunk ? n_tok - t0 : chunk;
+        for (uint32_t t = 0; t < nt; t++)
+            sums[t] = bn_i2_planes_avx2(planes + t * tstride, x + (t0 + t) * ldx, cols, tiling->interleave);
+        for (uint32_t r = r0; r < r1;) {
+            const uint32_t R = r1 - r >= tiling->rows && nt > 1 ? tiling->rows : 1; /* one token: row by row */
+            const bn_i2_tile_fn *fn = R == tiling->rows ? tiling->multi : tiling->single;
+            for (uint32_t tb = 0; tb < nt; tb += 4) {
+                const uint32_t k = nt - tb < 4 ? nt - tb : 4;
+                fn[k](w + (size_t)r * row_bytes, row_bytes, planes + tb * tstride, tstride, sums + tb,
+                      y + (size_t)(t0 + tb) * ldy + r, ldy);
+            }
+            r += R;
+        }
+    }
+}
+
 #define I2Y_TARGET BN_AVX2
-#include "arch/x86/i2_gemm_ymm.h" /* i2y_matmul, the tiled GEMM (maddubs) */
+#include "arch/x86/i2_gemm_ymm.h" /* i2y_tiling, the tiles of the GEMM with maddubs */
+
+BN_AVX2 static void i2_matmul_avx2(int32_t *y, size_t ldy, const int8_t *x, size_t ldx, uint32_t n_tok,
+                                   const uint8_t *w, uint32_t cols, uint32_t r0, uint32_t r1) {
+    bn_i2_gemm(&i2y_tiling, y, ldy, x, ldx, n_tok, w, cols, r0, r1);
+}
 
 /* ---- TL1 / TL2 ---- */
 
@@ -661,7 +698,7 @@ BN_AVX2 void bn_attention_head_avx2(float *out, const float *q, const float *k, 
 
 const bn_kernels bn_kernels_avx2 = {
     .name = "avx2",
-    .i2_matmul = i2y_matmul,
+    .i2_matmul = i2_matmul_avx2,
     .tl1_matmul = bn_tl1_matmul_avx2,
     .tl2_matmul = bn_tl2_matmul_avx2,
     .dense_matmul = bn_dense_matmul_avx2,

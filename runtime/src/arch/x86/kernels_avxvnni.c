@@ -22,9 +22,14 @@
 #endif
 #include "arch/x86/i2_gemm_ymm.h"
 
+I2Y_TARGET static void i2_matmul_avxvnni(int32_t *y, size_t ldy, const int8_t *x, size_t ldx, uint32_t n_tok,
+                                         const uint8_t *w, uint32_t cols, uint32_t r0, uint32_t r1) {
+    bn_i2_gemm(&i2y_tiling, y, ldy, x, ldx, n_tok, w, cols, r0, r1);
+}
+
 const bn_kernels bn_kernels_avxvnni = {
     .name = "avxvnni",
-    .i2_matmul = i2y_matmul,
+    .i2_matmul = i2_matmul_avxvnni,
     .tl1_matmul = bn_tl1_matmul_avx2,
     .tl2_matmul = bn_tl2_matmul_avx2,
     .dense_matmul = bn_dense_matmul_avx2,
