@@ -21,7 +21,7 @@ int32_t bn_i2_planes_avx2(int8_t *dst, const int8_t *x, uint32_t cols, uint32_t 
 typedef void (*bn_i2_tile_fn)(const uint8_t *w, uint32_t row_bytes, const int8_t *planes, size_t tstride,
                               const int32_t *sums, int32_t *y, size_t ldy);
 
-/* The tiles of one I2 GEMM (i2_gemm_ymm.h, kernels_avx512vnni.c): [k] takes k (1..4) tokens. */
+/* The tiles of one I2 GEMM (kernels_avxvnni.c, kernels_avx512vnni.c): [k] takes k (1..4) tokens. */
 typedef struct {
     uint32_t interleave;      /* bn_i2_planes_avx2's interleave (128 * interleave elements per step) */
     uint32_t rows;            /* rows of a `multi` tile */
