@@ -18,14 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from ._bitnet import ffi, lib
-from .context import Context
+from .context import KV_TYPES, Context
 from .errors import BitNetError, ContextOverflowError, ModelFileError
 from .sampling import Sampler, SamplingParams, top_logprobs as _top_logprobs
 from .tokenizer import IncrementalDecoder, TextCodec
 
 _ERR_LEN = 1024
 _FILE_ERRORS = (lib.BN_ERR_IO, lib.BN_ERR_FORMAT, lib.BN_ERR_UNSUPPORTED)
-KV_TYPES = ("f16", "f32")
 
 
 @dataclass
@@ -183,19 +182,21 @@ class Model:
 
     n_threads: worker threads of the runtime (None: one per CPU). n_ctx: context window in tokens
     (None: min(the model's trained context length, 4096)). kv_type: "f16" (default) or "f32" KV cache.
+    n_seq: sequence slots of the context (`model.context`); generation uses slot 0, the others are
+    free for callers of model.context.decode.
     Thread-safe: calls on one Model take turns (a lock per context); for parallel work make one
     context per thread with `new_context()`, which shares the loaded weights.
     """
 
     def __init__(self, path: str | os.PathLike, n_threads: int | None = None, n_ctx: int | None = None,
-                 kv_type: str = "f16", *, _weights: _Weights | None = None):
+                 kv_type: str = "f16", n_seq: int = 1, *, _weights: _Weights | None = None):
         self.path = Path(path)
         if n_threads is not None and n_threads < 1:
             raise ValueError(f"n_threads must be >= 1, got {n_threads}")
         if n_ctx is not None and n_ctx < 1:
             raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
         if kv_type not in KV_TYPES:
-            raise ValueError(f"kv_type must be 'f16' or 'f32', got {kv_type!r}")
+            raise ValueError(f"kv_type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
         self._weights = _weights or _Weights(self.path)
         self._model = self._weights._model
         self.hparams = self._weights.hparams
@@ -203,10 +204,10 @@ class Model:
         self.stop_ids = set(self._weights.stop_ids)
         self.codec = self._weights.codec
         self.kv_type = kv_type
-        self._context = Context(self, n_ctx=n_ctx, n_seq=1, n_threads=n_threads, kv_type=kv_type)
-        self._ctx = self._context._ctx  # the raw bn_context (tests drive bn_eval on it directly)
-        self.n_ctx = self._context.n_ctx
-        self.n_threads = self._context.n_threads
+        self.context = Context(self, n_ctx=n_ctx, n_seq=n_seq, n_threads=n_threads, kv_type=kv_type)
+        self._ctx = self.context._ctx  # the raw bn_context (tests drive bn_eval on it directly)
+        self.n_ctx = self.context.n_ctx
+        self.n_threads = self.context.n_threads
         self._slot = _Slot()
         # logits() runs in its own context (made on first use, grown to the longest request) so that
         # it never disturbs the generation cache of sequence 0
@@ -225,7 +226,7 @@ class Model:
         """Empties the generation cache: the next call evaluates its whole prompt."""
         with self._slot as slot:
             self._check_open()
-            self._context.clear(0)
+            self.context.clear(0)
             slot.tokens = []
 
     def close(self) -> None:
@@ -235,7 +236,7 @@ class Model:
             if self._closed:
                 return
             self._closed = True
-            self._context.close()
+            self.context.close()
             if self._logits_context is not None:
                 self._logits_context.close()
                 self._logits_context = None
@@ -266,7 +267,7 @@ class Model:
     @property
     def n_evaluated(self) -> int:
         """Tokens this Model's generation context has evaluated since it was created."""
-        return self._context.n_evaluated
+        return self.context.n_evaluated
 
     def tensor_shape(self, name: str) -> tuple[int, ...]:
         n_dims = ffi.new("uint32_t *")
@@ -315,7 +316,7 @@ class Model:
         with self._slot as slot:
             self._check_open()
             slot.tokens = []
-            return self._context.eval(ids, pos, seq=0, all_logits=all_logits)
+            return self.context.eval(ids, pos, seq=0, all_logits=all_logits)
 
     def logits(self, ids) -> np.ndarray:
         """float32 logits of shape (len(ids), n_vocab), evaluated from position 0 with a fresh cache
@@ -400,10 +401,10 @@ class Model:
             limit = min(len(slot.tokens), len(ids) - 1)
             while keep < limit and slot.tokens[keep] == ids[keep]:
                 keep += 1
-            self._context.truncate(0, keep)
+            self.context.truncate(0, keep)
             slot.tokens = slot.tokens[:keep]
             stats = self.last_stats = GenerationStats(prompt_tokens=len(ids) - keep, cached_tokens=keep)
-            logits = self._context.eval(ids[keep:], keep, seq=0)
+            logits = self.context.eval(ids[keep:], keep, seq=0)
             slot.tokens.extend(ids[keep:])
             prompt_done = time.perf_counter()
             stats.prompt_seconds = stats.total_seconds = prompt_done - start
@@ -445,7 +446,7 @@ class Model:
                 if finish is not None:
                     return
                 step = time.perf_counter()
-                logits = self._context.eval([token], len(slot.tokens), seq=0)
+                logits = self.context.eval([token], len(slot.tokens), seq=0)
                 slot.tokens.append(token)
                 stats.generation_seconds += time.perf_counter() - step
                 stats.eval_tokens += 1
