@@ -133,13 +133,18 @@ def test_tokenize_chat_is_transformers_and_prefix_stable(tiny_model):
     expected = reference.apply_chat_template(first, tokenize=True, add_generation_prompt=True)
     expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
     assert model.tokenize_chat(first) == list(expected)
-    # the next turn's ids start with this turn's, the reply tokenized on its own after the prompt
-    reply = "Five, I think."
+    # the next turn's ids start with this turn's, the reply tokenized on its own after the prompt, also
+    # where tokenizing it together with the template text before it would merge across the boundary
+    def plain(text):
+        return model.tokenize(text, add_bos=False)
+
+    reply = next(r for r in ["the end.", "and then", "of the", "in it"]
+                 if plain("Assistant: " + r) != plain("Assistant: ") + plain(r))
     second = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "Sure?"}]
     ids = model.tokenize_chat(second)
     n = len(model.tokenize_chat(first))
     assert ids[:n] == model.tokenize_chat(first)
-    assert ids[n : n + len(model.tokenize(reply, add_bos=False))] == model.tokenize(reply, add_bos=False)
+    assert ids[n : n + len(plain(reply))] == plain(reply)
 
 
 def test_stop_strings_are_never_emitted(tiny_model):
