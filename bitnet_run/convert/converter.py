@@ -59,6 +59,12 @@ def convert_checkpoint(
     add_tokenizer_metadata(writer, checkpoint, hp.vocab_size)
     bitnet.add_tensors(writer, checkpoint, hp, weights, head)
 
+    return write_model(writer, out, name, progress)
+
+
+def write_model(writer: ff.Writer, out: str | Path, name: str,
+                progress: Callable[[int, int, str], None] | None = None) -> Path:
+    """writer.write into `out` (or `out`/<name>.bnr when `out` is a directory) atomically."""
     out = Path(out)
     if out.is_dir():
         out = out / (name + MODEL_SUFFIX)
