@@ -1,0 +1,272 @@
+"""GGUF import: files written with llama.cpp's `gguf` package (tests/gguf_checkpoints.py) from the
+test checkpoints convert to models whose tensors and logits equal those of the safetensors path.
+
+Bit-identical where the ternary values and scales are identical: the packed checkpoints store their
+scales in bf16, which fp16 (the TQ block scales, F16 linears) and f32 (I2_S) hold exactly. A checkpoint
+with f32 scales loses precision in TQ1_0/TQ2_0: the scale is rounded to fp16 (checked below).
+"""
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from bitnet_run import Model
+from bitnet_run import fileformat as ff
+from bitnet_run.cli import app
+from bitnet_run.convert import ConversionError, convert_checkpoint
+from bitnet_run.convert.gguf_import import BITNET_2B4T_CHAT_TEMPLATE, convert_gguf
+
+runner = CliRunner()
+PROMPT = "Once upon a time there was a little cat who liked the sun."
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """A packed checkpoint with rows of 256 and 512 weights (TQ1_0/TQ2_0 need multiples of 256)."""
+    from checkpoints import make_config, write_packed_checkpoint
+
+    root = tmp_path_factory.mktemp("wide")
+    config = make_config(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, tied=True)
+    return write_packed_checkpoint(root / "hf", config, seed=5)
+
+
+def _assert_same_model(a_path, b_path):
+    a, b = ff.read_header(a_path), ff.read_header(b_path)
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    for ta in a.tensors:
+        tb = b.tensor(ta.name)
+        assert (ta.encoding, ta.dims, ta.scale) == (tb.encoding, tb.dims, tb.scale), ta.name
+        assert np.array_equal(ff.read_tensor(a, ta.name), ff.read_tensor(b, ta.name)), ta.name
+    ma, mb = Model(a_path, n_threads=1), Model(b_path, n_threads=1)
+    ids = ma.tokenize(PROMPT)
+    assert mb.tokenize(PROMPT) == ids
+    assert np.array_equal(ma.logits(ids), mb.logits(ids))
+
+
+@pytest.mark.parametrize("linear_type", ["I2_S", "TQ1_0", "TQ2_0", "F16", "BF16", "F32"])
+def test_ternary_linears_convert_exactly(wide, tmp_path, linear_type):
+    from gguf_checkpoints import write_gguf
+
+    gguf_path = write_gguf(wide, tmp_path / "m.gguf", linear_type=linear_type, embedding_type="BF16")
+    _assert_same_model(convert_checkpoint(wide, tmp_path / "ref.bnr"), convert_gguf(gguf_path, tmp_path / "g.bnr"))
+
+
+@pytest.mark.parametrize("weights", ["tl1", "tl2"])
+def test_reencoding_and_f16_embedding(wide, tmp_path, weights):
+    """microsoft's file has an F16 embedding: the same as the safetensors path with --head f16."""
+    from gguf_checkpoints import write_gguf
+
+    gguf_path = write_gguf(wide, tmp_path / "m.gguf", arch="bitnet-25")
+    _assert_same_model(convert_checkpoint(wide, tmp_path / "ref.bnr", weights=weights, head="f16"),
+                       convert_gguf(gguf_path, tmp_path / "g.bnr", weights=weights))
+
+
+def test_microsoft_layout_untied_odd_width(tmp_path):
+    """Rows of 128 and 344 weights (I2_S blocks are 128; 344 is no multiple of 256), an untied head."""
+    from checkpoints import make_config, write_packed_checkpoint
+    from gguf_checkpoints import write_gguf
+
+    config = make_config(hidden=128, intermediate=384 - 40, layers=2, heads=4, kv_heads=1, tied=False)
+    hf = write_packed_checkpoint(tmp_path / "hf", config, seed=11)
+    gguf_path = write_gguf(hf, tmp_path / "m.gguf", embedding_type="BF16")
+    _assert_same_model(convert_checkpoint(hf, tmp_path / "ref.bnr"), convert_gguf(gguf_path, tmp_path / "g.bnr"))
+
+
+def test_tq_rounds_an_f32_scale_to_fp16(tmp_path):
+    import torch
+    from checkpoints import make_config, write_packed_checkpoint
+    from gguf_checkpoints import write_gguf
+
+    config = make_config(hidden=256, intermediate=512, layers=1, heads=4, kv_heads=2)
+    hf = write_packed_checkpoint(tmp_path / "hf", config, seed=2, scale_dtype=torch.float32)
+    ref = ff.read_header(convert_checkpoint(hf, tmp_path / "ref.bnr"))
+    got = ff.read_header(convert_gguf(write_gguf(hf, tmp_path / "m.gguf", linear_type="TQ2_0"), tmp_path / "g.bnr"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert got.tensor(name).scale == float(np.float16(ref.tensor(name).scale)) != ref.tensor(name).scale
+    assert np.array_equal(ff.read_tensor(ref, name), ff.read_tensor(got, name))  # the ternary values are kept
+
+
+def test_chat_template(tiny_model, tmp_path):
+    from gguf_checkpoints import write_gguf
+
+    def template_of(path):
+        return Model(path, n_threads=1).metadata_str("tokenizer.chat_template")
+
+    # microsoft's known-wrong template is replaced by the model's own
+    microsoft = convert_gguf(write_gguf(tiny_model.checkpoint, tmp_path / "a.gguf"), tmp_path / "a.bnr")
+    assert template_of(microsoft) == BITNET_2B4T_CHAT_TEMPLATE
+    # any other template is kept; --chat-template overrides
+    own = convert_gguf(write_gguf(tiny_model.checkpoint, tmp_path / "b.gguf", chat_template="{{ 'x' }}"),
+                       tmp_path / "b.bnr")
+    assert template_of(own) == "{{ 'x' }}"
+    (tmp_path / "t.jinja").write_text("{{ 'y' }}")
+    result = runner.invoke(app, ["convert", str(tmp_path / "b.gguf"), "-o", str(tmp_path / "c.bnr"),
+                                 "--chat-template", str(tmp_path / "t.jinja")])
+    assert result.exit_code == 0, result.output
+    assert template_of(tmp_path / "c.bnr") == "{{ 'y' }}"
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+CORPUS = [
+    "Once upon a time, there was a little cat.",
+    "def f(x):\n    return {'a': [1, 2, 3], \"b\": x ** 2}  # comment\n\n\tif x != 0: pass\n",
+    "Ünïcödé: 日本語のテキスト, emoji 🐈‍⬛🎉, Ελληνικά, русский, العربية",
+    "numbers 1 12 123 1234 12345 3.14159 -42 1e-5 0x1F 1,000,000",
+    "whitespace   runs \t\t tabs\n\n\nnewlines\r\n crlf      end   ",
+    "<|begin_of_text|>User: hi<|eot_id|>Assistant: hello<|end_of_text|>",
+    "don't you'll I'm we've they're it's HELLO'S",
+    "",
+    " leading space",
+    "trailing space ",
+]
+
+
+def test_rebuilt_tokenizer_encodes_like_tokenizer_json(tmp_path, tiny_model):
+    """The vocabulary of tokenizer.json in GGUF form, rebuilt, encodes and decodes every text alike.
+    The original is taken with ignore_merges on, as Llama 3's tokenizer.json (the form the missing
+    tokenizer.ggml.pre stands for) has it."""
+    from tokenizers import Tokenizer
+
+    from bitnet_run.convert.gguf_file import GGUFFile
+    from bitnet_run.convert.gguf_tokenizer import read_tokenizer
+    from gguf_checkpoints import write_gguf
+
+    original = json.loads((tiny_model.checkpoint / "tokenizer.json").read_text())
+    original["model"]["ignore_merges"] = True
+    original = Tokenizer.from_str(json.dumps(original))
+    for pre in (None, "llama-bpe"):
+        path = write_gguf(tiny_model.checkpoint, tmp_path / f"{pre}.gguf", pre=pre)
+        rebuilt = Tokenizer.from_str(read_tokenizer(GGUFFile(path)).tokenizer_json)
+        for text in CORPUS:
+            ids = original.encode(text, add_special_tokens=False).ids
+            assert rebuilt.encode(text, add_special_tokens=False).ids == ids, text
+            assert rebuilt.decode(ids, skip_special_tokens=False) == original.decode(ids, skip_special_tokens=False)
+            assert rebuilt.decode(ids, skip_special_tokens=True) == original.decode(ids, skip_special_tokens=True)
+
+
+def test_sentencepiece_vocabulary(tmp_path):
+    """A llama (SentencePiece BPE) vocabulary: merges come from the scores, bytes fall back to <0xNN>."""
+    import gguf
+
+    from bitnet_run.convert.gguf_file import GGUFFile
+    from bitnet_run.convert.gguf_tokenizer import read_tokenizer
+
+    pieces = ["\u2581", "h", "e", "l", "o", "w", "r", "d", "he", "ll", "\u2581he", "llo", "\u2581hello", "\u2581w",
+              "or", "\u2581wor", "ld", "\u2581world"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
+    w = gguf.GGUFWriter(tmp_path / "spm.gguf", "bitnet")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_scores(scores)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(read_tokenizer(GGUFFile(tmp_path / "spm.gguf")).tokenizer_json)
+    assert tok.encode("hello world", add_special_tokens=False).tokens == ["\u2581hello", "\u2581world"]
+    ids = tok.encode("hello wé", add_special_tokens=False).ids
+    assert tok.id_to_token(ids[-1]) == "<0xA9>" and tok.decode(ids) == "hello wé"  # é = C3 A9: byte fallback
+
+
+# --------------------------------------------------------------------------- bad files
+
+
+def _convert_fails(path, tmp_path, *expected):
+    """convert_gguf and the CLI both refuse `path` with one line holding `expected`, leaving no file."""
+    out = tmp_path / "bad.bnr"
+    with pytest.raises(ConversionError) as info:
+        convert_gguf(path, out)
+    message = str(info.value)
+    assert "\n" not in message and all(e in message for e in expected), message
+    result = runner.invoke(app, ["convert", str(path), "-o", str(out)])
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert not out.exists()
+    return message
+
+
+@pytest.fixture(scope="module")
+def good_gguf(wide, tmp_path_factory):
+    from gguf_checkpoints import write_gguf
+
+    return write_gguf(wide, tmp_path_factory.mktemp("good") / "m.gguf").read_bytes()
+
+
+def test_truncated_and_corrupted(good_gguf, tmp_path):
+    path = tmp_path / "m.gguf"
+    for cut in (3, 20, 1000, len(good_gguf) // 2, len(good_gguf) - 1):
+        path.write_bytes(good_gguf[:cut])
+        _convert_fails(path, tmp_path, str(path))
+    path.write_bytes(b"GGML" + good_gguf[4:])
+    _convert_fails(path, tmp_path, "not a GGUF file")
+    path.write_bytes(good_gguf[:4] + struct.pack("<I", 1) + good_gguf[8:])
+    _convert_fails(path, tmp_path, "version 1")
+    # a string length far past the end of the file: the first key's length
+    path.write_bytes(good_gguf[:24] + struct.pack("<Q", 1 << 40) + good_gguf[32:])
+    _convert_fails(path, tmp_path, "file ends inside")
+    # a tensor offset past the end: the last 8 bytes of the tensor infos are the last tensor's offset
+    data = bytearray(good_gguf)
+    end = _tensor_infos_end(good_gguf)
+    data[end - 8:end] = struct.pack("<Q", 1 << 40)
+    path.write_bytes(bytes(data))
+    _convert_fails(path, tmp_path, "run past the end")
+
+
+def _tensor_infos_end(raw: bytes) -> int:
+    from bitnet_run.convert.gguf_file import GGUFFile
+
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "x.gguf"
+        p.write_bytes(raw)
+        gf = GGUFFile(p)
+        first_data = min(t.start for t in gf.tensors.values())
+    # the infos end before the aligned data start; find the last one by its name
+    last = list(gf.tensors)[-1].encode()
+    pos = raw.rindex(struct.pack("<Q", len(last)) + last, 0, first_data)
+    n_dims = struct.unpack_from("<I", raw, pos + 8 + len(last))[0]
+    return pos + 8 + len(last) + 4 + 8 * n_dims + 4 + 8
+
+
+def test_unknown_tensor_type(good_gguf, tmp_path):
+    data = bytearray(good_gguf)
+    end = _tensor_infos_end(good_gguf)
+    data[end - 12:end - 8] = struct.pack("<I", 12)  # the last tensor's type -> Q4_K
+    path = tmp_path / "m.gguf"
+    path.write_bytes(bytes(data))
+    _convert_fails(path, tmp_path, "Q4_K", "does not read")
+
+
+def test_non_ternary_tensors(wide, tmp_path):
+    from gguf_checkpoints import write_gguf
+
+    def bump(name, values):
+        if name == "blk.1.ffn_up.weight":
+            values = values.copy()
+            values[3, 5] = 1.5 * np.abs(values).max()
+        return values
+
+    for linear_type in ("F16", "TQ2_0"):
+        path = write_gguf(wide, tmp_path / f"{linear_type}.gguf", linear_type=linear_type, edit=bump)
+        message = _convert_fails(path, tmp_path, "blk.1.ffn_up.weight", linear_type)
+        assert ("not ternary" in message) if linear_type == "F16" else ("block scales" in message)
+
+
+def test_unknown_architecture(wide, tmp_path):
+    from gguf_checkpoints import write_gguf
+
+    path = write_gguf(wide, tmp_path / "m.gguf", arch="mamba")
+    _convert_fails(path, tmp_path, "general.architecture", "'mamba'")
