@@ -90,17 +90,17 @@ def test_tq_rounds_an_f32_scale_to_fp16(tmp_path):
     assert np.array_equal(ff.read_tensor(ref, name), ff.read_tensor(got, name))  # the ternary values are kept
 
 
-def test_chat_template(tiny_model, tmp_path):
+def test_chat_template(wide, tmp_path):
     from gguf_checkpoints import write_gguf
 
     def template_of(path):
         return Model(path, n_threads=1).metadata_str("tokenizer.chat_template")
 
     # microsoft's known-wrong template is replaced by the model's own
-    microsoft = convert_gguf(write_gguf(tiny_model.checkpoint, tmp_path / "a.gguf"), tmp_path / "a.bnr")
+    microsoft = convert_gguf(write_gguf(wide, tmp_path / "a.gguf"), tmp_path / "a.bnr")
     assert template_of(microsoft) == BITNET_2B4T_CHAT_TEMPLATE
     # any other template is kept; --chat-template overrides
-    own = convert_gguf(write_gguf(tiny_model.checkpoint, tmp_path / "b.gguf", chat_template="{{ 'x' }}"),
+    own = convert_gguf(write_gguf(wide, tmp_path / "b.gguf", chat_template="{{ 'x' }}"),
                        tmp_path / "b.bnr")
     assert template_of(own) == "{{ 'x' }}"
     (tmp_path / "t.jinja").write_text("{{ 'y' }}")
@@ -126,7 +126,7 @@ CORPUS = [
 ]
 
 
-def test_rebuilt_tokenizer_encodes_like_tokenizer_json(tmp_path, tiny_model):
+def test_rebuilt_tokenizer_encodes_like_tokenizer_json(tmp_path, wide):
     """The vocabulary of tokenizer.json in GGUF form, rebuilt, encodes and decodes every text alike.
     The original is taken with ignore_merges on, as Llama 3's tokenizer.json (the form the missing
     tokenizer.ggml.pre stands for) has it."""
@@ -136,11 +136,11 @@ def test_rebuilt_tokenizer_encodes_like_tokenizer_json(tmp_path, tiny_model):
     from bitnet_run.convert.gguf_tokenizer import read_tokenizer
     from gguf_checkpoints import write_gguf
 
-    original = json.loads((tiny_model.checkpoint / "tokenizer.json").read_text())
+    original = json.loads((wide / "tokenizer.json").read_text())
     original["model"]["ignore_merges"] = True
     original = Tokenizer.from_str(json.dumps(original))
     for pre in (None, "llama-bpe"):
-        path = write_gguf(tiny_model.checkpoint, tmp_path / f"{pre}.gguf", pre=pre)
+        path = write_gguf(wide, tmp_path / f"{pre}.gguf", pre=pre)
         rebuilt = Tokenizer.from_str(read_tokenizer(GGUFFile(path)).tokenizer_json)
         for text in CORPUS:
             ids = original.encode(text, add_special_tokens=False).ids

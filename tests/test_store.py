@@ -17,6 +17,7 @@ from bitnet_run import store
 from bitnet_run.cli import app
 
 runner = CliRunner()
+DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "demo"  # a real 2B-4T-format checkpoint
 
 
 def _repo_not_found(repo_id: str):
@@ -29,12 +30,12 @@ def _repo_not_found(repo_id: str):
 
 
 @pytest.fixture
-def hub(monkeypatch, tmp_path, tiny_model):
+def hub(monkeypatch, tmp_path):
     """A fake hub: {repo id: local folder}; the store in a temporary $BITNET_RUN_HOME."""
     import huggingface_hub
     from huggingface_hub import errors
 
-    repos = {"test/tiny": tiny_model.checkpoint}
+    repos = {"test/tiny": DEMO_CHECKPOINT}
     cached = set()  # repos "downloaded" once: what HF_HUB_OFFLINE may still serve
     calls = []
 
@@ -152,12 +153,12 @@ def test_interrupted_pull_leaves_nothing_listed(hub):
     assert [e.name for e in store.entries()] == ["test/tiny"] and _store_folders(hub.home) == ["test--tiny"]
 
 
-def test_pull_gguf_file(hub, tmp_path, tiny_model):
+def test_pull_gguf_file(hub, tmp_path):
     from gguf_checkpoints import write_gguf
 
     folder = tmp_path / "gguf-repo"
     folder.mkdir()
-    write_gguf(tiny_model.checkpoint, folder / "ggml-model-i2_s.gguf")
+    write_gguf(DEMO_CHECKPOINT, folder / "ggml-model-i2_s.gguf")
     hub.repos["test/tiny-gguf"] = folder
     result = runner.invoke(app, ["pull", "test/tiny-gguf"])
     assert result.exit_code == 0, result.output
@@ -171,10 +172,10 @@ def test_pull_gguf_file(hub, tmp_path, tiny_model):
     assert "test/tiny-gguf" in bench.stdout
 
 
-def test_run_gguf_file_imports_once(hub, tmp_path, tiny_model):
+def test_run_gguf_file_imports_once(hub, tmp_path):
     from gguf_checkpoints import write_gguf
 
-    path = write_gguf(tiny_model.checkpoint, tmp_path / "tiny.gguf")
+    path = write_gguf(DEMO_CHECKPOINT, tmp_path / "tiny.gguf")
     args = ["run", "-m", str(path), "-p", "Hello", "-n", "4", "--temp", "0"]
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
