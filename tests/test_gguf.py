@@ -126,27 +126,61 @@ CORPUS = [
 ]
 
 
+def _vocabulary_gguf(path, tokenizer_json: str, pre: str | None):
+    """A GGUF holding only the gpt2-style vocabulary of tokenizer_json (as llama.cpp's converter writes it)."""
+    import gguf
+    from gguf_checkpoints import vocabulary
+
+    tokens, types, merges = vocabulary(tokenizer_json)
+    w = gguf.GGUFWriter(path, "bitnet-b1.58")
+    w.add_tokenizer_model("gpt2")
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_eos_token_id(0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    return path
+
+
+def _unreachable_token_tokenizer() -> str:
+    """Llama 3 style (ignore_merges) with a token no merge order reaches: merges 'b c' before 'a b'
+    turn "abc" into a + bc, but "abc" is itself a token, so it is taken whole."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {"a": 0, "b": 1, "c": 2, "bc": 3, "ab": 4, "abc": 5}
+    return Tokenizer(models.BPE(vocab=vocab, merges=[("b", "c"), ("a", "b")], ignore_merges=True)).to_str()
+
+
 def test_rebuilt_tokenizer_encodes_like_tokenizer_json(tmp_path, wide):
-    """The vocabulary of tokenizer.json in GGUF form, rebuilt, encodes and decodes every text alike.
-    The original is taken with ignore_merges on, as Llama 3's tokenizer.json (the form the missing
-    tokenizer.ggml.pre stands for) has it."""
+    """The vocabulary of a tokenizer.json in GGUF form, rebuilt, splits, encodes and decodes every text
+    alike. The test checkpoints' tokenizer is taken with ignore_merges on, as Llama 3's tokenizer.json
+    (the form a missing tokenizer.ggml.pre stands for) has it."""
     from tokenizers import Tokenizer
 
     from bitnet_run.convert.gguf_file import GGUFFile
     from bitnet_run.convert.gguf_tokenizer import read_tokenizer
-    from gguf_checkpoints import write_gguf
 
-    original = json.loads((wide / "tokenizer.json").read_text())
-    original["model"]["ignore_merges"] = True
-    original = Tokenizer.from_str(json.dumps(original))
-    for pre in (None, "llama-bpe"):
-        path = write_gguf(wide, tmp_path / f"{pre}.gguf", pre=pre)
+    llama3 = json.loads((wide / "tokenizer.json").read_text())
+    llama3["model"]["ignore_merges"] = True
+    unreachable = json.loads(_unreachable_token_tokenizer())
+    unreachable["pre_tokenizer"], unreachable["decoder"] = llama3["pre_tokenizer"], llama3["decoder"]
+    cases = [(json.dumps(llama3), pre, CORPUS) for pre in (None, "llama-bpe")] + [(json.dumps(unreachable), None, ["abc"])]
+    for i, (text_json, pre, corpus) in enumerate(cases):
+        original = Tokenizer.from_str(text_json)
+        path = _vocabulary_gguf(tmp_path / f"{i}.gguf", text_json, pre)
         rebuilt = Tokenizer.from_str(read_tokenizer(GGUFFile(path)).tokenizer_json)
-        for text in CORPUS:
+        for text in corpus:
+            assert (rebuilt.pre_tokenizer.pre_tokenize_str(text) == original.pre_tokenizer.pre_tokenize_str(text)), text
             ids = original.encode(text, add_special_tokens=False).ids
             assert rebuilt.encode(text, add_special_tokens=False).ids == ids, text
             assert rebuilt.decode(ids, skip_special_tokens=False) == original.decode(ids, skip_special_tokens=False)
             assert rebuilt.decode(ids, skip_special_tokens=True) == original.decode(ids, skip_special_tokens=True)
+    assert original.encode("abc", add_special_tokens=False).tokens == ["abc"]
 
 
 def test_sentencepiece_vocabulary(tmp_path):
@@ -157,7 +191,7 @@ def test_sentencepiece_vocabulary(tmp_path):
     from bitnet_run.convert.gguf_tokenizer import read_tokenizer
 
     pieces = ["\u2581", "h", "e", "l", "o", "w", "r", "d", "he", "ll", "\u2581he", "llo", "\u2581hello", "\u2581w",
-              "or", "\u2581wor", "ld", "\u2581world"]
+              "or", "\u2581wor", "ld", "\u2581world", "a", "b", "c", "ab", "bc"]  # "ab" scores above "bc"
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
     types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
     scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
@@ -176,6 +210,7 @@ def test_sentencepiece_vocabulary(tmp_path):
 
     tok = Tokenizer.from_str(read_tokenizer(GGUFFile(tmp_path / "spm.gguf")).tokenizer_json)
     assert tok.encode("hello world", add_special_tokens=False).tokens == ["\u2581hello", "\u2581world"]
+    assert tok.encode("abc", add_special_tokens=False).tokens == ["\u2581", "ab", "c"]  # the higher score merges first
     ids = tok.encode("hello wé", add_special_tokens=False).ids
     assert tok.id_to_token(ids[-1]) == "<0xA9>" and tok.decode(ids) == "hello wé"  # é = C3 A9: byte fallback
 
