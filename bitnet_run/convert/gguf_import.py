@@ -1,39 +1,62 @@
 """GGUF files in: convert_gguf turns a GGUF model into a .bnr file, tensor by tensor.
 
-Read: microsoft's bitnet-b1.58-2B-4T GGUF (general.architecture `bitnet-b1.58`, or `bitnet-25` in an
-older upload; I2_S linears, F16/F32 embedding and norms, tied head, relu2 implied by the architecture,
-no Q/K row permutation since bitnet.cpp's converter leaves the rows in Hugging Face order), and GGUFs of
-the same architecture whose linears are TQ1_0, TQ2_0, F16, BF16 or F32. Whatever the type, a linear must
-hold ternary values times one scale per tensor (TQ blocks all with the same scale); anything else is
-refused with one line naming the tensor.
+The GGUF architectures read (GGUF_ARCHITECTURES), each the GGUF form of a checkpoint family of arch.py:
+- `bitnet-b1.58` (and `bitnet-25`, an older upload's name): microsoft's 2B-4T file, written by
+  bitnet.cpp: I2_S linears, F16/F32 embedding and norms, tied head, relu2 implied by the architecture,
+  Q/K rows left in Hugging Face order (bitnet.cpp's converter has the permutation commented out);
+- `llama` with ternary linears: tiiuae's Falcon3 / Falcon-E 1.58-bit GGUFs (bitnet.cpp's
+  convert-hf-to-gguf-bitnet.py): SiLU, no sub-norms, Q/K rows permuted for llama.cpp's interleaved RoPE
+  (undone here), the divide-convention weight_scale already folded into the values (scale = 1/ws);
+- `bitnet`: llama.cpp's own architecture, the 1bitLLM family: SiLU, sub-norms, NEOX RoPE (no
+  permutation), an optional one-value `<tensor>.scale` multiplying a linear's output.
+Linears may be I2_S, TQ1_0, TQ2_0, F16, BF16 or F32. Whatever the type, a linear must hold ternary
+values times one scale per tensor (TQ blocks all with the same scale); anything else is refused with
+one line naming the tensor.
 
-The file is presented to the safetensors converter (bitnet.add_tensors) as the packed checkpoint of
-microsoft/bitnet-b1.58-2B-4T would be: each linear as transformers' packed uint8 codes plus a
-weight_scale, the norms and embedding as stored. So the checks, the tensor plan and the re-encoding
-(--weights, --head) are the converter's, the ternary values and scales are kept exactly, and memory
-holds one tensor at a time.
+The file is presented to the safetensors converter (tensors.add_tensors) as a packed checkpoint of its
+family would be: each linear as transformers' packed uint8 codes plus a weight_scale that multiplies,
+the norms and embedding as stored. So the checks, the tensor plan and the re-encoding (--weights,
+--head) are the converter's, the ternary values and scales are kept exactly, and memory holds one
+tensor at a time.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from bitnet_run import __version__
 from bitnet_run import fileformat as ff
-from bitnet_run.bench.peers import gguf_name
-
-from . import bitnet
+from . import arch
+from .arch import gguf_name
 from .checkpoint import TensorEntry, bf16_bits_to_float32
 from .converter import write_model
 from .errors import ConversionError
 from .gguf_file import MAGIC, GGUFFile, GGUFTensor
 from .gguf_tokenizer import read_tokenizer
 from .quantize import pack_transformers_ternary
+from .tensors import add_tensors
 from .tokenizer import END_OF_TURN, add_tokenizer_keys
 
-BITNET_ARCHITECTURES = ("bitnet-b1.58", "bitnet-25")
+
+@dataclass(frozen=True)
+class GGUFArchitecture:
+    """How a GGUF architecture maps onto a checkpoint family of arch.py."""
+
+    family: str  # arch.FAMILIES name
+    hidden_act: str  # implied by the architecture (the files carry no activation key)
+    permuted_qk: bool  # Q/K rows permuted for llama.cpp's interleaved-pair RoPE
+
+
+GGUF_ARCHITECTURES = {
+    "bitnet-b1.58": GGUFArchitecture("bitnet", "relu2", permuted_qk=False),
+    "bitnet-25": GGUFArchitecture("bitnet", "relu2", permuted_qk=False),
+    "llama": GGUFArchitecture("llama", "silu", permuted_qk=True),
+    "bitnet": GGUFArchitecture("1bitllm", "silu", permuted_qk=False),
+}
+_FAMILIES = {f.name: f for f in arch.FAMILIES}
 FLOAT_TYPES = ("F32", "F16", "BF16")  # also the safetensors dtype names the converter expects
 # microsoft's GGUF carries a "Human: ...\n\nBITNETAssistant: " chat template that the model was not
 # trained with; such a file gets the template of the model's own tokenizer_config.json instead.
@@ -141,29 +164,39 @@ def ternary_tensor(gf: GGUFFile, t: GGUFTensor) -> tuple[np.ndarray, float]:
 # --------------------------------------------------------------------------- the file as a checkpoint
 
 
-def _hf_config(gf: GGUFFile, arch: str, vocab_tokens: int) -> dict:
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (rows of each head reordered so that RoPE rotates adjacent
+    pairs): GGUF row 2*i + j of a head is Hugging Face row j * head_dim/2 + i."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _hf_config(gf: GGUFFile, name: str, vocab_tokens: int) -> dict:
     """The config.json of the Hugging Face checkpoint the GGUF's hyperparameters describe."""
+    family = _FAMILIES[GGUF_ARCHITECTURES[name].family]
+
     def count(key: str, default: int | None = None) -> int | None:
-        return gf.get(f"{arch}.{key}", int, default=default, required=default is None)
+        return gf.get(f"{name}.{key}", int, default=default, required=default is None)
 
     def number(key: str, default: float) -> float:
-        return float(gf.get(f"{arch}.{key}", (float, int), default=default))
+        return float(gf.get(f"{name}.{key}", (float, int), default=default))
 
-    scaling = gf.get(f"{arch}.rope.scaling.type", str, default="none")
+    scaling = gf.get(f"{name}.rope.scaling.type", str, default="none")
     if scaling != "none":
-        raise ConversionError(f"{gf.path}: {arch}.rope.scaling.type is {scaling!r} (expected none)")
+        raise ConversionError(f"{gf.path}: {name}.rope.scaling.type is {scaling!r} (expected none)")
     hidden, heads = count("embedding_length"), count("attention.head_count")
     head_dim = count("attention.key_length", count("rope.dimension_count", hidden // heads))
     rotary = count("rope.dimension_count", head_dim)
     if rotary != head_dim:
-        raise ConversionError(f"{gf.path}: {arch}.rope.dimension_count is {rotary}, not the head size {head_dim} "
+        raise ConversionError(f"{gf.path}: {name}.rope.dimension_count is {rotary}, not the head size {head_dim} "
                               "(partial rotary embeddings are not supported)")
     return {
-        "model_type": bitnet.ARCHITECTURE,
-        "architectures": [bitnet.HF_ARCHITECTURE],
+        "model_type": family.model_type,
+        "architectures": [family.architecture],
+        # the GGUF scales multiply, whatever the checkpoint's convention was
         "quantization_config": {"quant_method": "bitnet", "linear_class": "autobitlinear",
                                 "quantization_mode": "offline"},
-        "hidden_act": "relu2",
+        "hidden_act": GGUF_ARCHITECTURES[name].hidden_act,
         "vocab_size": count("vocab_size", vocab_tokens),
         "hidden_size": hidden,
         "intermediate_size": count("feed_forward_length"),
@@ -172,65 +205,84 @@ def _hf_config(gf: GGUFFile, arch: str, vocab_tokens: int) -> dict:
         "num_key_value_heads": count("attention.head_count_kv", heads),
         "head_dim": head_dim,
         "max_position_embeddings": count("context_length"),
-        "rms_norm_eps": number("attention.layer_norm_rms_epsilon", bitnet.DEFAULT_RMS_NORM_EPS),
-        "rope_theta": number("rope.freq_base", bitnet.DEFAULT_ROPE_THETA),
+        "rms_norm_eps": number("attention.layer_norm_rms_epsilon", family.rms_norm_eps),
+        "rope_theta": number("rope.freq_base", 10000.0),  # llama.cpp's default
         "tie_word_embeddings": "output.weight" not in gf.tensors,
     }
 
 
 class GGUFCheckpoint:
     """A GGUF file with Checkpoint's interface (config, tensors, load, load_float32), in the packed
-    form of microsoft/bitnet-b1.58-2B-4T: linears as transformers' packed uint8 [out/4, in] plus a
+    form of its family: linears as transformers' packed uint8 [out/4, in] plus a multiplying
     `<proj>.weight_scale` of shape [1]; norms and embeddings as stored."""
 
-    def __init__(self, gf: GGUFFile, arch: str, vocab_tokens: int):
+    def __init__(self, gf: GGUFFile, name: str, vocab_tokens: int):
         self.gf = gf
-        self.config = _hf_config(gf, arch, vocab_tokens)
+        self.gguf_arch = GGUF_ARCHITECTURES[name]
+        self.config = _hf_config(gf, name, vocab_tokens)
         try:
-            self.hp = bitnet.read_hyperparameters(self.config)
+            self.family, self.hp, self.linears = arch.read_config(self.config)
         except ConversionError as e:
-            raise ConversionError(f"{gf.path}: its {arch}.* keys describe a model bitnet-run refuses: "
+            raise ConversionError(f"{gf.path}: its {name}.* keys describe a model bitnet-run refuses: "
                                   f"{str(e).removeprefix('config.json: ')}") from None
-        planned = {gguf_name(name): (name, kind) for name, kind, _ in bitnet.expected_tensors(self.hp)}
-        unexpected = sorted(set(gf.tensors) - set(planned))
+        planned = {gguf_name(spec.name): spec for spec in arch.tensor_plan(self.hp)}
+        # llama.cpp's `bitnet` may carry a one-value <tensor>.scale beside a linear
+        scales = {n.removesuffix(".scale") + ".weight": t for n, t in gf.tensors.items() if n.endswith(".scale")}
+        unexpected = sorted(set(gf.tensors) - set(planned) - {t.name for t in scales.values()})
         if unexpected:
-            raise ConversionError(f"{gf.path}: unexpected tensor {unexpected[0]!r} (not part of the {arch} architecture)")
+            raise ConversionError(f"{gf.path}: unexpected tensor {unexpected[0]!r} (not part of the {name} architecture)")
         self.tensors: dict[str, TensorEntry] = {}
-        self._linears: dict[str, GGUFTensor] = {}  # our weight name and its weight_scale name -> GGUF tensor
+        self._linears: dict[str, tuple[GGUFTensor, str]] = {}  # weight / weight_scale name -> (GGUF tensor, role)
+        self._names: dict[str, GGUFTensor] = {}
         for gname, t in gf.tensors.items():
-            name, kind = planned[gname]
+            if gname not in planned:
+                continue
+            spec = planned[gname]
+            source = self.family.checkpoint_name(spec.name)
+            self._names[source] = t
             entry = TensorEntry(gf.path, t.type.name, t.shape, t.start, t.start + t.nbytes)
-            if kind == bitnet.LINEAR:
+            if spec.kind == arch.LINEAR:
                 rows, cols = t.shape
-                scale_name = name.removesuffix(".weight") + ".weight_scale"
-                self.tensors[name] = TensorEntry(gf.path, "U8", (rows // 4 if rows % 4 == 0 else rows, cols),
-                                                 entry.start, entry.end)
+                scale_name = source.removesuffix(".weight") + ".weight_scale"
+                self.tensors[source] = TensorEntry(gf.path, "U8", (rows // 4 if rows % 4 == 0 else rows, cols),
+                                                   entry.start, entry.end)
                 self.tensors[scale_name] = TensorEntry(gf.path, "F32", (1,), entry.start, entry.start)
-                self._linears[name] = self._linears[scale_name] = t
+                self._linears[source] = (t, "codes")
+                self._linears[scale_name] = (t, "scale")
             elif t.type.name in FLOAT_TYPES:
-                self.tensors[name] = entry
+                self.tensors[source] = entry
             else:
                 raise ConversionError(f"{gf.path}: tensor {gname!r} is {t.type.name} (expected F32, F16 or BF16 "
-                                      f"for a {kind})")
+                                      f"for a {spec.kind})")
+        self._scales = scales
         self._last: tuple[str, tuple[np.ndarray, float]] | None = None
 
     def _ternary(self, name: str) -> tuple[np.ndarray, float]:
-        t = self._linears[name]
+        t, _role = self._linears[name]
         if self._last is None or self._last[0] != t.name:  # weight then scale: decoded once
-            self._last = (t.name, ternary_tensor(self.gf, t))
+            codes, scale = ternary_tensor(self.gf, t)
+            extra = self._scales.get(t.name)
+            if extra is not None:
+                if extra.count != 1 or extra.type.name not in FLOAT_TYPES:
+                    raise ConversionError(f"{self.gf.path}: tensor {extra.name!r} is {extra.type.name} {list(extra.shape)} "
+                                          "(expected one F32 value)")
+                scale = float(np.float32(scale) * _float_values(self.gf.data(extra), extra.type.name)[0])
+            if self.gguf_arch.permuted_qk and t.name.endswith(("attn_q.weight", "attn_k.weight")):
+                heads = self.hp.n_heads if t.name.endswith("attn_q.weight") else self.hp.n_kv_heads
+                codes = _unpermute(codes, heads)
+            self._last = (t.name, (codes, scale))
         return self._last[1]
 
     def load(self, name: str) -> np.ndarray:
-        if name in self._linears and not name.endswith("_scale"):
+        if name in self._linears:
             return pack_transformers_ternary(self._ternary(name)[0])
-        t = self.gf.tensors[gguf_name(name)]
-        raw = self.gf.data(t)
-        return raw.view({"F32": "<f4", "F16": "<f2", "BF16": "<u2"}[t.type.name]).reshape(t.shape)
+        t = self._names[name]
+        return self.gf.data(t).view({"F32": "<f4", "F16": "<f2", "BF16": "<u2"}[t.type.name]).reshape(t.shape)
 
     def load_float32(self, name: str) -> np.ndarray:
         if name in self._linears:
             return np.array([self._ternary(name)[1]], dtype=np.float32)
-        t = self.gf.tensors[gguf_name(name)]
+        t = self._names[name]
         return _float_values(self.gf.data(t), t.type.name).reshape(t.shape)
 
 
@@ -254,12 +306,12 @@ def convert_gguf(
     if head is not None and head not in ff.HEAD_ENCODINGS:
         raise ValueError(f"head must be one of {tuple(ff.HEAD_ENCODINGS)} or None, got {head!r}")
     gf = GGUFFile(src)
-    arch = gf.get("general.architecture", str, required=True)
-    if arch not in BITNET_ARCHITECTURES:
-        raise ConversionError(f"{gf.path}: general.architecture is {arch!r}, which bitnet-run does not read "
-                              f"(expected one of {', '.join(BITNET_ARCHITECTURES)})")
+    architecture = gf.get("general.architecture", str, required=True)
+    if architecture not in GGUF_ARCHITECTURES:
+        raise ConversionError(f"{gf.path}: general.architecture is {architecture!r}, which bitnet-run does not read "
+                              f"(expected one of {', '.join(GGUF_ARCHITECTURES)})")
     tokenizer = read_tokenizer(gf)
-    checkpoint = GGUFCheckpoint(gf, arch, len(gf.metadata["tokenizer.ggml.tokens"]))
+    checkpoint = GGUFCheckpoint(gf, architecture, len(gf.metadata["tokenizer.ggml.tokens"]))
     if chat_template is None:
         chat_template = gf.get("tokenizer.chat_template", str, default="")
         if KNOWN_WRONG_TEMPLATE in chat_template:
@@ -267,14 +319,14 @@ def convert_gguf(
     name = gf.get("general.name", str, default=gf.path.stem)
 
     writer = ff.Writer()
-    writer.add_string("general.architecture", bitnet.ARCHITECTURE)
+    writer.add_string("general.architecture", arch.ARCHITECTURE)
     writer.add_string("general.name", name)
     writer.add_string("general.source", gf.path.name)
     writer.add_string("general.converter", f"bitnet-run {__version__}")
-    bitnet.add_model_metadata(writer, checkpoint.hp)
+    arch.add_hyperparameters(writer, checkpoint.hp)
     end_of_turn = gf.metadata["tokenizer.ggml.tokens"].index(END_OF_TURN) \
         if END_OF_TURN in gf.metadata["tokenizer.ggml.tokens"] else None
     add_tokenizer_keys(writer, str(gf.path), checkpoint.hp.vocab_size, tokenizer.tokenizer_json, chat_template,
                        tokenizer.bos, tokenizer.stop_ids, tokenizer.add_bos, end_of_turn)
-    bitnet.add_tensors(writer, checkpoint, checkpoint.hp, weights, head)
+    add_tensors(writer, checkpoint, checkpoint.family, checkpoint.hp, checkpoint.linears, weights, head)
     return write_model(writer, out, name, progress)

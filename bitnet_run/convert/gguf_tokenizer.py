@@ -23,8 +23,10 @@ TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TO
 LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-# tokenizer.ggml.pre values -> pre-tokenizer kind; None is a missing key.
-PRE_TOKENIZERS = {None: "llama3", "llama-bpe": "llama3", "llama3": "llama3", "gpt-2": "gpt2", "default": "gpt2"}
+# tokenizer.ggml.pre values -> pre-tokenizer kind; None is a missing key. llama.cpp reads these names
+# as Llama 3's pre-tokenizer (falcon_e: ik_llama.cpp and bitnet.cpp's fork) and "gpt-2" as GPT-2's.
+PRE_TOKENIZERS = {None: "llama3", "llama-bpe": "llama3", "llama3": "llama3", "llama-v3": "llama3",
+                  "falcon3": "llama3", "falcon_e": "llama3", "gpt-2": "gpt2"}
 
 
 @dataclass(frozen=True)
