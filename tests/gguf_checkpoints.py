@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from bitnet_run.convert.checkpoint import Checkpoint
-from bitnet_run.convert.quantize import unpack_transformers_ternary
+from bitnet_run.convert.quantize import absmean_ternary, unpack_transformers_ternary
 
 I2_S = 36
 MICROSOFT_TEMPLATE = (  # what bitnet.cpp's convert-ms-to-gguf-bitnet.py writes into its files
@@ -28,6 +28,7 @@ MICROSOFT_TEMPLATE = (  # what bitnet.cpp's convert-ms-to-gguf-bitnet.py writes 
 )
 _LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
           "self_attn.attn_sub_norm": "attn_sub_norm", "mlp.ffn_sub_norm": "ffn_sub_norm",
+          "self_attn.inner_attn_ln": "attn_sub_norm", "mlp.ffn_layernorm": "ffn_sub_norm",  # 1bitLLM's names
           "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
           "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
           "mlp.down_proj": "ffn_down"}
@@ -66,11 +67,20 @@ def vocabulary(tokenizer_json: str) -> tuple[list[str], list[int], list[str]]:
     return [by_id[i] for i in range(n)], [types[i] for i in range(n)], merges
 
 
+def permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf permutation of Q/K rows for its interleaved RoPE (LlamaModel.permute)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 def write_gguf(checkpoint_dir: Path, path: Path, linear_type: str = "I2_S", embedding_type: str = "F16",
                arch: str = "bitnet-b1.58", pre: str | None = None, chat_template: str = MICROSOFT_TEMPLATE,
-               edit=None) -> Path:
-    """The packed checkpoint at checkpoint_dir as a GGUF file. `edit(name, values)` may change a
-    linear's float values (ternary * scale) before they are encoded, to make bad files."""
+               edit=None, separate_scales: bool = False) -> Path:
+    """A checkpoint at checkpoint_dir as a GGUF file. Packed linears keep their codes and scale; float
+    (latent) ones are ternarized with absmean as llama.cpp's converter does for 1bitLLM. For
+    arch="llama" the Q/K rows are permuted as llama.cpp's converter does. `edit(name, values)` may
+    change a linear's float values (ternary * scale) before they are encoded, to make bad files.
+    separate_scales: linears hold +-1/0 and a one-value `<name>.scale` tensor the scale (llama.cpp's
+    optional bitnet scales)."""
     import gguf
     from gguf.quants import quantize
 
@@ -108,8 +118,19 @@ def write_gguf(checkpoint_dir: Path, path: Path, linear_type: str = "I2_S", embe
             continue
         gname = llama_cpp_name(name)
         if name.removesuffix(".weight").endswith(("proj",)):
-            ternary = unpack_transformers_ternary(ckpt.load(name))
-            scale = float(ckpt.load_float32(name.removesuffix(".weight") + ".weight_scale")[0])
+            if ckpt.tensors[name].dtype == "U8":
+                ternary = unpack_transformers_ternary(ckpt.load(name))
+                scale = float(ckpt.load_float32(name.removesuffix(".weight") + ".weight_scale")[0])
+            else:
+                ternary, scale = absmean_ternary(ckpt.load_float32(name))
+            if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+                heads = config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
+                ternary = permute(ternary, heads)
+            if separate_scales:
+                scale_data = np.array([scale], dtype="<f4")
+                w.add_tensor_info(gname.removesuffix(".weight") + ".scale", (1,), np.dtype(np.float32), 4)
+                planned.append(scale_data)
+                scale = 1.0
             values = ternary.astype(np.float32) * np.float32(scale)
             if edit is not None:
                 values = edit(gname, values)

@@ -305,3 +305,72 @@ def test_unknown_architecture(wide, tmp_path):
 
     path = write_gguf(wide, tmp_path / "m.gguf", arch="mamba")
     _convert_fails(path, tmp_path, "general.architecture", "'mamba'")
+
+
+# --------------------------------------------------------------------------- the other families
+
+
+def _family_checkpoint(directory, family: str, seed: int):
+    """A tiny checkpoint of another family, from the 2B-4T-style test weights:
+    - "llama": LlamaForCausalLM with packed autobitlinear linears (the multiplying scale a GGUF
+      carries), SiLU, no sub-norms, untied head, GQA 2:1 (Falcon3 / Falcon-E's GGUF form);
+    - "1bitllm": BitnetForCausalLM (model_type llama) with fp16 latent weights, SiLU and the sub-norms
+      under 1bitLLM's names inner_attn_ln / ffn_layernorm."""
+    import torch
+    from checkpoints import _write, make_config, master_weights, packed_tensors
+
+    config = make_config(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, tied=family != "llama")
+    config.update(hidden_act="silu", model_type="llama")
+    tensors = master_weights(config, seed)
+    if family == "llama":
+        config.update(architectures=["LlamaForCausalLM"],
+                      quantization_config={"quant_method": "bitnet", "linear_class": "autobitlinear",
+                                           "quantization_mode": "offline"})
+        tensors = {n: t for n, t in packed_tensors(tensors, torch.bfloat16).items() if "sub_norm" not in n}
+    else:
+        config.update(architectures=["BitnetForCausalLM"])
+        renamed = {"attn_sub_norm": "inner_attn_ln", "ffn_sub_norm": "ffn_layernorm"}
+        tensors = {next((n.replace(a, b) for a, b in renamed.items() if a in n), n): t.half() for n, t in tensors.items()}
+    return _write(directory, config, tensors)
+
+
+@pytest.mark.parametrize("linear_type", ["I2_S", "TQ2_0"])
+def test_llama_architecture_falcon_form(tmp_path, linear_type):
+    """Falcon3 / Falcon-E GGUFs: general.architecture llama, Q/K rows permuted by the converter."""
+    from gguf_checkpoints import write_gguf
+
+    hf = _family_checkpoint(tmp_path / "hf", "llama", seed=4)
+    gguf_path = write_gguf(hf, tmp_path / "m.gguf", linear_type=linear_type, arch="llama", embedding_type="BF16",
+                           pre="falcon3")
+    _assert_same_model(convert_checkpoint(hf, tmp_path / "ref.bnr"), convert_gguf(gguf_path, tmp_path / "g.bnr"))
+
+
+@pytest.mark.parametrize("separate_scales", [False, True])
+def test_llama_cpp_bitnet_architecture(tmp_path, separate_scales):
+    """llama.cpp's `bitnet` (1bitLLM): latent weights ternarized with absmean, written as F32 values or
+    as +-1 with a `.scale` tensor; the same model as the safetensors path (the scale stays f32)."""
+    from gguf_checkpoints import write_gguf
+
+    hf = _family_checkpoint(tmp_path / "hf", "1bitllm", seed=6)
+    gguf_path = write_gguf(hf, tmp_path / "m.gguf", linear_type="F32", arch="bitnet", embedding_type="F16",
+                           separate_scales=separate_scales)
+    _assert_same_model(convert_checkpoint(hf, tmp_path / "ref.bnr"), convert_gguf(gguf_path, tmp_path / "g.bnr"))
+
+
+def test_llama_cpp_bitnet_tq_rounds_the_scale(tmp_path):
+    """Its TQ1_0 files round each latent-weight scale (f32) to fp16: the same ternary values, the scale
+    within fp16's half-ulp, logits close but not identical."""
+    from gguf_checkpoints import write_gguf
+
+    hf = _family_checkpoint(tmp_path / "hf", "1bitllm", seed=6)
+    ref = convert_checkpoint(hf, tmp_path / "ref.bnr")
+    got = convert_gguf(write_gguf(hf, tmp_path / "m.gguf", linear_type="TQ1_0", arch="bitnet"), tmp_path / "g.bnr")
+    a, b = ff.read_header(ref), ff.read_header(got)
+    for t in a.tensors:
+        if t.encoding in ff.TERNARY_ENCODINGS:
+            assert np.array_equal(ff.read_tensor(a, t.name), ff.read_tensor(b, t.name)), t.name
+            assert b.tensor(t.name).scale == float(np.float16(t.scale)), t.name
+    ma, mb = Model(ref, n_threads=1), Model(got, n_threads=1)
+    ids = ma.tokenize(PROMPT)
+    la, lb = ma.logits(ids), mb.logits(ids)
+    assert not np.array_equal(la, lb) and np.max(np.abs(la - lb)) < 0.05 * np.max(np.abs(la))
