@@ -72,6 +72,17 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def add_vocabulary(w, tokenizer_json: str, pre: str | None) -> None:
+    """The gpt2-style tokenizer.ggml.* keys of a tokenizer.json (no tokenizer.ggml.pre when pre is None)."""
+    tokens, types, merges = vocabulary(tokenizer_json)
+    w.add_tokenizer_model("gpt2")
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+
+
 def write_gguf(checkpoint_dir: Path, path: Path, linear_type: str = "I2_S", embedding_type: str = "F16",
                arch: str = "bitnet-b1.58", pre: str | None = None, chat_template: str = MICROSOFT_TEMPLATE,
                edit=None, separate_scales: bool = False) -> Path:
@@ -100,13 +111,7 @@ def write_gguf(checkpoint_dir: Path, path: Path, linear_type: str = "I2_S", embe
     w.add_head_count_kv(config["num_key_value_heads"])
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
     w.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
-    tokens, types, merges = vocabulary((checkpoint_dir / "tokenizer.json").read_text())
-    w.add_tokenizer_model("gpt2")
-    if pre is not None:
-        w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
+    add_vocabulary(w, (checkpoint_dir / "tokenizer.json").read_text(), pre)
     w.add_bos_token_id(config["bos_token_id"])
     w.add_eos_token_id(config["eos_token_id"])
     w.add_add_bos_token(True)

@@ -129,16 +129,10 @@ CORPUS = [
 def _vocabulary_gguf(path, tokenizer_json: str, pre: str | None):
     """A GGUF holding only the gpt2-style vocabulary of tokenizer_json (as llama.cpp's converter writes it)."""
     import gguf
-    from gguf_checkpoints import vocabulary
+    from gguf_checkpoints import add_vocabulary
 
-    tokens, types, merges = vocabulary(tokenizer_json)
     w = gguf.GGUFWriter(path, "bitnet-b1.58")
-    w.add_tokenizer_model("gpt2")
-    if pre is not None:
-        w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
+    add_vocabulary(w, tokenizer_json, pre)
     w.add_eos_token_id(0)
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -32,7 +32,7 @@ from bitnet_run import fileformat as ff
 from . import arch
 from .arch import gguf_name
 from .checkpoint import TensorEntry, bf16_bits_to_float32
-from .converter import write_model
+from .converter import check_encodings, write_model
 from .errors import ConversionError
 from .gguf_file import MAGIC, GGUFFile, GGUFTensor
 from .gguf_tokenizer import read_tokenizer
@@ -301,10 +301,7 @@ def convert_gguf(
     `weights` and `head` choose the encodings, `progress(done, total, name)` follows the tensors,
     nothing is left at `out` on failure). `chat_template` replaces the file's template. Raises
     ConversionError, one line, for a file it does not read."""
-    if weights not in ff.WEIGHT_ENCODINGS:
-        raise ValueError(f"weights must be one of {tuple(ff.WEIGHT_ENCODINGS)}, got {weights!r}")
-    if head is not None and head not in ff.HEAD_ENCODINGS:
-        raise ValueError(f"head must be one of {tuple(ff.HEAD_ENCODINGS)} or None, got {head!r}")
+    check_encodings(weights, head)
     gf = GGUFFile(src)
     architecture = gf.get("general.architecture", str, required=True)
     if architecture not in GGUF_ARCHITECTURES:
