@@ -411,3 +411,23 @@ def test_ratio_columns():
     peer = [{"runtime": "llama.cpp TQ2_0", "weights": "TQ2_0"}]
     assert bench.ratio_columns(ours[:1] + peer) == [("ours/peer", "ratio_vs")]
     assert bench.ratio_columns(ours + peer) == [("I2/peer", "ratio_vs_i2"), ("TL1/peer", "ratio_vs_tl1")]
+
+
+def test_synthetic_shapes_of_every_family(tmp_path):
+    """The released layouts: Llama-architecture shapes have no sub-norms, SiLU, a dividing weight scale
+    and their own head_dim; bitnet-3b is SiLU with sub-norms; and such a file loads and runs."""
+    from bitnet_run import Model
+
+    for name in ("falcon3-1b", "falcon3-3b", "falcon3-10b", "falcon-e-3b", "llama3-8b-1.58"):
+        hp = syn.get_shape(name).hp
+        assert (hp.hidden_act, hp.sub_norms, hp.weight_scale) == ("silu", False, "divide"), name
+        names = {t.name for t in syn.tensor_plan(name)}
+        assert "model.layers.0.self_attn.attn_sub_norm.weight" not in names and "lm_head.weight" in names, name
+    assert syn.get_shape("falcon3-1b").head_dim == 256 and syn.get_shape("bitnet-3b").head_dim == 100
+    assert syn.get_shape("bitnet-3b").hp.hidden_act == "silu" and syn.get_shape("bitnet-3b").hp.sub_norms
+    shape = syn.make_llama_shape("tiny-llama", 512, 128, 344, 2, 4, 1, False, 64, 10000.0, "test", head_dim=48)
+    for weights in syn.WEIGHTS:
+        path = syn.write_synthetic(shape, tmp_path / f"tiny-llama-{weights}.bnr", weights=weights)
+        model = Model(path, n_threads=1)
+        assert model.hparams["hidden_act"] == 1 and model.hparams["sub_norms"] == 0
+        assert np.all(np.isfinite(model.logits([0, 5, 9])))

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from bitnet_run import store
 from bitnet_run.cli import app
+from bitnet_run.convert import hub as hub_module
 
 runner = CliRunner()
 DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "demo"  # a real 2B-4T-format checkpoint
@@ -73,7 +74,7 @@ def _store_folders(home: Path) -> list[str]:
 def test_pull_list_run_rm(hub, tmp_path, monkeypatch):
     result = runner.invoke(app, ["pull", "test/tiny"])
     assert result.exit_code == 0, result.output
-    assert hub.calls[0] == ("test/tiny", ["*.json", "*.safetensors", "*.jinja"])
+    assert hub.calls[0] == ("test/tiny", hub_module.ALLOW_PATTERNS)
 
     monkeypatch.chdir(tmp_path)  # the store does not depend on the current folder
     listing = runner.invoke(app, ["list"])

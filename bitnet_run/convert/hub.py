@@ -13,7 +13,7 @@ from pathlib import Path
 from .errors import ConversionError
 
 # Everything the converter reads: configs, tokenizer files, chat template, weights.
-ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja"]
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
 # The file name microsoft's and tiiuae's GGUF repos use for their I2_S model.
 DEFAULT_GGUF_FILE = "ggml-model-i2_s.gguf"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -34,7 +34,8 @@ double bn_membw_read_gbps(uint64_t bytes, uint32_t n_threads, uint32_t repeats);
 uint32_t bn_kernels_count(void);
 /* A variant's name, NULL if variant >= bn_kernels_count(). */
 const char *bn_kernels_name(uint32_t variant);
-/* The index of the variant a new context would use now (honours BITNET_RUN_KERNELS=ref|avx2|avx512vnni). */
+/* The index of the variant a new context would use now (honours BITNET_RUN_KERNELS=ref|avx2|avx512vnni on
+ * x86-64, ref|neon|neon-dotprod on AArch64). */
 uint32_t bn_kernels_selected(void);
 /* The CPU features detected, space-separated (e.g. "sse4.2 avx avx2 fma f16c"). */
 const char *bn_kernels_cpu_features(void);
@@ -69,6 +70,10 @@ bn_status bn_kernels_quantize_rows(uint32_t variant, int8_t *q, float *s, const 
  * variant or stride < D; BN_ERR_NOMEM when no scratch can be allocated. */
 bn_status bn_kernels_attention_head(uint32_t variant, float *out, const float *q, const float *k, const float *v,
                                     uint64_t stride, uint32_t n_pos, uint32_t D, float scale);
+/* The same with k and v rounded to f16 (to nearest even, as the f16 KV cache stores them), then the
+ * variant's f16 attention kernel: bit-identical to bn_kernels_attention_head on the rounded values. */
+bn_status bn_kernels_attention_head_f16(uint32_t variant, float *out, const float *q, const float *k, const float *v,
+                                        uint64_t stride, uint32_t n_pos, uint32_t D, float scale);
 /* Times `repeats` calls (after one warm-up) of a variant's kernel on random data of that shape:
  * encoding 3/4/5 (I2/TL1/TL2) for the ternary kernels, 0/1/2 for the dense one, 6 (Q8_R) for the q8 head
  * one; n_threads threads split the rows.

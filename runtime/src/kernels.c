@@ -149,6 +149,7 @@ const bn_kernels bn_kernels_ref = {
     .q8_matmul = q8_matmul_ref,
     .quantize_row = bn_quantize_row_i8,
     .attention_head = bn_attention_head,
+    .attention_head_f16 = bn_attention_head_f16,
 };
 
 /* ---- selection: the one place where CPU features pick a variant ---- */
@@ -162,6 +163,10 @@ static int usable_always(const bn_cpu_features *f) {
 static int usable_avx2(const bn_cpu_features *f) { return f->avx2 && f->f16c; }
 static int usable_avx512vnni(const bn_cpu_features *f) { return usable_avx2(f) && f->avx512bw && f->avx512vnni; }
 #endif
+#if defined(__aarch64__)
+static int usable_neon(const bn_cpu_features *f) { return f->asimd; }
+static int usable_neon_dotprod(const bn_cpu_features *f) { return f->asimd && f->asimddp; }
+#endif
 
 static const struct {
     const bn_kernels *kernels;
@@ -171,6 +176,10 @@ static const struct {
 #if defined(__x86_64__)
     {&bn_kernels_avx2, usable_avx2},
     {&bn_kernels_avx512vnni, usable_avx512vnni},
+#endif
+#if defined(__aarch64__)
+    {&bn_kernels_neon, usable_neon},
+    {&bn_kernels_neon_dotprod, usable_neon_dotprod},
 #endif
 };
 
