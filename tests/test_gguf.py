@@ -368,3 +368,34 @@ def test_llama_cpp_bitnet_tq_rounds_the_scale(tmp_path):
     ids = ma.tokenize(PROMPT)
     la, lb = ma.logits(ids), mb.logits(ids)
     assert not np.array_equal(la, lb) and np.max(np.abs(la - lb)) < 0.05 * np.max(np.abs(la))
+
+
+def test_sentencepiece_vocabulary_matches_sentencepiece(tmp_path):
+    """A 1bitLLM-style tokenizer.model written as llama.cpp writes a `llama` vocabulary (pieces,
+    scores, types) encodes the corpus exactly as the sentencepiece package does."""
+    import gguf
+    import sentencepiece as spm
+    from checkpoints import sentencepiece_model
+    from tokenizers import Tokenizer
+
+    from bitnet_run.convert.gguf_file import GGUFFile
+    from bitnet_run.convert.gguf_tokenizer import read_tokenizer
+
+    sp = spm.SentencePieceProcessor(model_file=str(sentencepiece_model(tmp_path / "spm")))
+    n = sp.get_piece_size()
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in range(n)]
+    w = gguf.GGUFWriter(tmp_path / "spm.gguf", "bitnet")
+    w.add_tokenizer_model("llama")
+    w.add_token_list([sp.id_to_piece(i) for i in range(n)])
+    w.add_token_scores([sp.get_score(i) for i in range(n)])
+    w.add_token_types(types)
+    w.add_bos_token_id(sp.bos_id())
+    w.add_eos_token_id(sp.eos_id())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    tok = Tokenizer.from_str(read_tokenizer(GGUFFile(tmp_path / "spm.gguf")).tokenizer_json)
+    for text in CORPUS:
+        assert tok.encode(text, add_special_tokens=False).ids == sp.encode(text), text
+        assert tok.decode(sp.encode(text)) == sp.decode(sp.encode(text)), text

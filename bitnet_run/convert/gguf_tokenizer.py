@@ -4,11 +4,10 @@ Two kinds, by tokenizer.ggml.model:
 - "gpt2": byte-level BPE (tokens, merges). The pre-tokenizer is named by tokenizer.ggml.pre; when the
   key is missing, as in microsoft's 2B-4T file, it is Llama 3's. Llama 3's pre-tokenizer goes with
   ignore_merges (a word that is itself a token is taken whole), as in its tokenizer.json and llama.cpp.
-- "llama": a SentencePiece BPE vocabulary (tokens, scores, byte-fallback tokens <0xNN>). Its merges
-  are rebuilt from the scores as transformers does for a tokenizer.model: every split of a token
-  into two tokens is a merge, ranked by the merged token's score.
-Control and user-defined tokens (token types 3 and 4) become added tokens, matched in text before the
-model runs; control tokens are special (skipped when decoding).
+- "llama": a SentencePiece BPE vocabulary (tokens, scores, token types, byte-fallback tokens <0xNN>),
+  built as a tokenizer.model is (sentencepiece.py): merges rebuilt from the scores.
+In a gpt2 vocabulary, control and user-defined tokens (token types 3 and 4) become added tokens,
+matched in text before the model runs; control tokens are special (skipped when decoding).
 """
 from __future__ import annotations
 
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 
 from .errors import ConversionError
 from .gguf_file import GGUFFile
+from .sentencepiece import tokenizer_json_from_pieces
 
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 
@@ -70,31 +70,13 @@ def _gpt2(gf: GGUFFile, tokens: list[str]):
     return tokenizer
 
 
-def _sentencepiece(gf: GGUFFile, tokens: list[str], types: list[int]):
-    from tokenizers import Tokenizer, decoders, models, normalizers
-
+def _sentencepiece(gf: GGUFFile, tokens: list[str], types: list[int], add_bos: bool) -> str:
     scores = gf.get("tokenizer.ggml.scores", list, required=True)
     if len(scores) != len(tokens):
         raise ConversionError(f"{gf.path}: tokenizer.ggml.scores has {len(scores)} entries for {len(tokens)} tokens")
-    vocab = {token: i for i, token in enumerate(tokens)}
-    # only normal tokens take part in merges (control, byte and unknown pieces are never merged into)
-    mergeable = {t: i for t, i in vocab.items() if types[i] == TOKEN_NORMAL}
-    merges = []
-    for token, i in mergeable.items():
-        for k in range(1, len(token)):
-            left, right = token[:k], token[k:]
-            if left in mergeable and right in mergeable:
-                merges.append((-scores[i], mergeable[left], mergeable[right], left, right))
-    merges.sort()
-    unk = next((tokens[i] for i, t in enumerate(types) if t == TOKEN_UNKNOWN), None)
-    model = models.BPE(vocab=vocab, merges=[(m[3], m[4]) for m in merges], unk_token=unk, fuse_unk=True,
-                       byte_fallback=True)
-    tokenizer = Tokenizer(model)
-    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
-    tokenizer.decoder = decoders.Sequence([
-        decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
-    ])
-    return tokenizer
+    add_space_prefix = gf.get("tokenizer.ggml.add_space_prefix", bool, default=True)  # llama.cpp's default
+    return tokenizer_json_from_pieces(list(zip(tokens, map(float, scores), types)), TOKEN_BYTE in types,
+                                      add_space_prefix, add_bos)
 
 
 def _token_id(gf: GGUFFile, key: str, n_tokens: int) -> int | None:
@@ -118,16 +100,6 @@ def read_tokenizer(gf: GGUFFile) -> GGUFTokenizer:
     types = gf.get("tokenizer.ggml.token_type", list, default=[TOKEN_NORMAL] * len(tokens))
     if len(types) != len(tokens):
         raise ConversionError(f"{gf.path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
-    if model == "gpt2":
-        tokenizer = _gpt2(gf, tokens)
-    elif model == "llama":
-        tokenizer = _sentencepiece(gf, tokens, types)
-    else:
-        raise ConversionError(f"{gf.path}: tokenizer.ggml.model is {model!r} (bitnet-run reads 'gpt2' and 'llama')")
-    for kind, add in ((TOKEN_CONTROL, tokenizer.add_special_tokens), (TOKEN_USER_DEFINED, tokenizer.add_tokens)):
-        add([AddedToken(tokens[i], special=kind == TOKEN_CONTROL, normalized=False)
-             for i, t in enumerate(types) if t == kind])
-
     n = len(tokens)
     bos = _token_id(gf, "tokenizer.ggml.bos_token_id", n)
     eos = _token_id(gf, "tokenizer.ggml.eos_token_id", n)
@@ -137,4 +109,14 @@ def read_tokenizer(gf: GGUFFile) -> GGUFTokenizer:
     add_bos = gf.get("tokenizer.ggml.add_bos_token", bool, default=bos is not None)
     if add_bos and bos is None:
         raise ConversionError(f"{gf.path}: tokenizer.ggml.add_bos_token is true but there is no bos_token_id")
-    return GGUFTokenizer(tokenizer.to_str(), bos, [eos] + [e for e in ends if e is not None], add_bos)
+    if model == "gpt2":
+        tokenizer = _gpt2(gf, tokens)
+        for kind, add in ((TOKEN_CONTROL, tokenizer.add_special_tokens), (TOKEN_USER_DEFINED, tokenizer.add_tokens)):
+            add([AddedToken(tokens[i], special=kind == TOKEN_CONTROL, normalized=False)
+                 for i, t in enumerate(types) if t == kind])
+        text = tokenizer.to_str()
+    elif model == "llama":
+        text = _sentencepiece(gf, tokens, types, add_bos)
+    else:
+        raise ConversionError(f"{gf.path}: tokenizer.ggml.model is {model!r} (bitnet-run reads 'gpt2' and 'llama')")
+    return GGUFTokenizer(text, bos, [eos] + [e for e in ends if e is not None], add_bos)
