@@ -1,4 +1,4 @@
-"""The `bitnet-run` command line: convert, pull, run (generate), chat, perplexity, show, bench.
+"""The `bitnet-run` command line: convert, pull, list, rm, run (generate), chat, perplexity, show, bench.
 
 Flags follow llama.cpp (-m -p -f -n -t -c --temp --top-k --top-p --min-p --repeat-penalty --seed);
 generated text goes to stdout, timings and progress to stderr.
@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import __version__
 from .errors import BitNetError
-from .paths import default_model, models_dir
+from .paths import default_model
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run ternary (BitNet b1.58) models on the CPU.")
 err_console = Console(stderr=True)
@@ -43,7 +43,8 @@ def main(
 
 
 # ---- shared options -------------------------------------------------------------------------------
-ModelOpt = typer.Option(None, "-m", "--model", help="Model file (.bnr); default: the bundled demo model.")
+ModelOpt = typer.Option(None, "-m", "--model", help="Model file (.bnr or .gguf) or the name of a stored model "
+                        "(bitnet-run list); default: the bundled demo model.")
 ThreadsOpt = typer.Option(None, "-t", "--threads", help="Threads (default: one per physical core).")
 CtxOpt = typer.Option(None, "-c", "--ctx-size", help="Context size in tokens (default: the model's).")
 TempOpt = typer.Option(0.8, "--temp", help="Temperature; 0 = greedy.")
@@ -62,13 +63,24 @@ def _default_threads() -> int:
     return lib.bn_default_n_threads()
 
 
-def _load(model: Optional[Path], threads: Optional[int], ctx: Optional[int], kv_type: str = "f16"):
+def _model_path(model: Optional[str]) -> Path:
+    """The model file of a -m argument (bitnet_run.store.resolve_model: a path, a GGUF file imported
+    once into the store, or a stored model's name); the demo model when None. Failures are one line."""
+    from .store import resolve_model
+
+    try:
+        return default_model() if model is None else resolve_model(model, reporting=_reporting)
+    except (OSError, ValueError) as exc:
+        _fail(str(exc))
+
+
+def _load(model: Optional[str], threads: Optional[int], ctx: Optional[int], kv_type: str = "f16"):
     from .model import KV_TYPES, Model
 
     if kv_type not in KV_TYPES:
         _fail(f"--cache-type must be {' or '.join(KV_TYPES)}, not {kv_type!r}")
+    path = _model_path(model)
     try:
-        path = model if model is not None else default_model()
         return Model(path, n_threads=threads, n_ctx=ctx, kv_type=kv_type)
     except (OSError, ValueError, BitNetError) as exc:
         _fail(str(exc))
@@ -115,15 +127,17 @@ def _write_reply(pieces) -> bool:
 
 
 def _progress() -> Progress:
+    # no bar at all when stderr is not a terminal: its frames would only fill logs
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[item]}"), console=err_console,
+        TextColumn("{task.fields[item]}"), console=err_console, disable=not err_console.is_terminal,
     )
 
 
 @contextmanager
 def _reporting(description: str) -> Iterator[Callable[[int, int, str], None]]:
-    """A progress bar on stderr; yields the progress(done, total, name) callback the file writers take."""
+    """A progress bar on stderr; yields the progress(done, total, name) callback the file writers take.
+    Call _fail only outside the `with`: the bar is stopped by then, so the error gets a line of its own."""
     with _progress() as progress:
         task = progress.add_task(description, total=None, item="")
 
@@ -133,49 +147,107 @@ def _reporting(description: str) -> Iterator[Callable[[int, int, str], None]]:
         yield report
 
 
-def _convert(src: str, output: Path, weights: str = "i2", head: Optional[str] = None) -> Path:
+def _convert(src: str, output: Path, weights: str = "i2", head: Optional[str] = None,
+             chat_template: Optional[Path] = None) -> Path:
     from .convert import ConversionError, convert_checkpoint
+    from .convert.gguf_import import convert_gguf, is_gguf_file
 
-    with _reporting("converting") as report:
-        try:
+    try:
+        template = chat_template.read_text(encoding="utf-8") if chat_template is not None else None
+        with _reporting("converting") as report:
+            if is_gguf_file(src):
+                return convert_gguf(src, output, report, weights=weights, head=head, chat_template=template)
+            if template is not None:
+                raise ConversionError("--chat-template applies to GGUF files (a checkpoint carries its own template)")
             return convert_checkpoint(src, output, progress=report, weights=weights, head=head)
-        except (ConversionError, OSError) as exc:
-            _fail(str(exc))
+    except (ConversionError, OSError, UnicodeDecodeError) as exc:
+        _fail(str(exc))
+
+
+def _check_encodings(weights: str, head: Optional[str]) -> None:
+    if weights not in ("i2", "tl1", "tl2"):
+        _fail(f"--weights must be i2, tl1 or tl2, not {weights!r}")
+    if head is not None and head not in ("bf16", "f16", "f32", "q8"):
+        _fail(f"--head must be bf16, f16, f32 or q8, not {head!r}")
+
+
+WeightsOpt = typer.Option("i2", "--weights", help="Ternary weight encoding: i2, tl1 or tl2.")
+HeadOpt = typer.Option(None, "--head", help="Output head encoding: bf16, f16, f32 or q8 (8-bit rows, about half "
+                       "the bytes of bf16). Default: the checkpoint's dtype.")
 
 
 # ---- commands -------------------------------------------------------------------------------------
 @app.command()
 def convert(
-    src: str = typer.Argument(..., help="Hugging Face checkpoint folder, or a hub repo id."),
+    src: str = typer.Argument(..., help="Hugging Face checkpoint folder, a hub repo id, or a GGUF file."),
     output: Path = typer.Option(..., "-o", "--output", help="The .bnr file to write."),
-    weights: str = typer.Option("i2", "--weights", help="Ternary weight encoding: i2, tl1 or tl2."),
-    head: Optional[str] = typer.Option(None, "--head", help="Output head encoding: bf16, f16, f32 or q8 "
-                                       "(8-bit rows, about half the bytes of bf16). Default: the checkpoint's dtype."),
+    weights: str = WeightsOpt,
+    head: Optional[str] = HeadOpt,
+    chat_template: Optional[Path] = typer.Option(None, "--chat-template", help="A jinja chat template file to "
+                                                 "store instead of the GGUF file's own."),
 ):
-    """Convert a Hugging Face BitNet checkpoint into a packed .bnr model file."""
-    if weights not in ("i2", "tl1", "tl2"):
-        _fail(f"--weights must be i2, tl1 or tl2, not {weights!r}")
-    if head is not None and head not in ("bf16", "f16", "f32", "q8"):
-        _fail(f"--head must be bf16, f16, f32 or q8, not {head!r}")
-    path = _convert(src, output, weights, head)
+    """Convert a Hugging Face BitNet checkpoint or a GGUF file into a packed .bnr model file."""
+    _check_encodings(weights, head)
+    path = _convert(src, output, weights, head, chat_template)
     err_console.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)", highlight=False)
 
 
 @app.command()
 def pull(
-    repo_id: str = typer.Argument(..., help="Hub repo id, e.g. microsoft/bitnet-b1.58-2B-4T."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to write the .bnr file."),
+    repo_id: str = typer.Argument(..., help="Hub repo id, e.g. microsoft/bitnet-b1.58-2B-4T or "
+                                  "microsoft/bitnet-b1.58-2B-4T-gguf."),
+    file: Optional[str] = typer.Option(None, "--file", help="One GGUF file of the repo (default for a repo named "
+                                       "*gguf*: ggml-model-i2_s.gguf)."),
+    weights: str = WeightsOpt,
+    head: Optional[str] = HeadOpt,
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the .bnr file here instead of "
+                                          "into the model store."),
 ):
-    """Download a checkpoint from the Hugging Face hub and convert it (needs network)."""
-    target = output or models_dir() / (repo_id.replace("/", "--") + ".bnr")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    path = _convert(repo_id, target)
-    err_console.print(f"wrote {path}", highlight=False)
+    """Download a model from the Hugging Face hub and convert it into the model store (needs network,
+    or HF_HUB_OFFLINE=1 with the files in the Hugging Face cache). Run it by name: -m REPO."""
+    from .convert import ConversionError
+    from .store import pull as pull_model
+
+    _check_encodings(weights, head)
+    try:
+        path = pull_model(repo_id, file, weights, head, reporting=_reporting, output=output)
+    except (ConversionError, OSError) as exc:
+        _fail(str(exc))
+    err_console.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)", highlight=False)
+
+
+@app.command("list")
+def list_cmd():
+    """List the models in the store ($BITNET_RUN_HOME/models, default ~/.cache/bitnet-run/models)."""
+    from .store import describe, entries
+
+    columns = ("name", "family", "parameters", "encoding", "size", "source", "converted")
+    rows = [describe(entry) for entry in entries()]
+    if not rows:
+        err_console.print("no models in the store (bitnet-run pull REPO adds one)", highlight=False)
+        return
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    typer.echo("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
+    for row in rows:
+        typer.echo("  ".join(str(row[c]).ljust(widths[c]) for c in columns).rstrip())
+
+
+@app.command("rm")
+def rm_cmd(names: List[str] = typer.Argument(..., help="Names of stored models (bitnet-run list).")):
+    """Remove models from the store."""
+    from .store import remove
+
+    for name in names:
+        try:
+            entry = remove(name)
+        except OSError as exc:
+            _fail(str(exc))
+        err_console.print(f"removed {entry.name}", highlight=False)
 
 
 @app.command("run")
 def run_cmd(
-    model: Optional[Path] = ModelOpt,
+    model: Optional[str] = ModelOpt,
     prompt: Optional[str] = typer.Option(None, "-p", "--prompt", help="The prompt."),
     file: Optional[Path] = typer.Option(None, "-f", "--file", help="Read the prompt from a file."),
     n_predict: int = typer.Option(128, "-n", "--n-predict", help="Tokens to generate."),
@@ -222,7 +294,7 @@ app.command("generate", help="Generate a continuation of a prompt (alias of run)
 
 @app.command()
 def chat(
-    model: Optional[Path] = ModelOpt,
+    model: Optional[str] = ModelOpt,
     system: Optional[str] = typer.Option(None, "--system", help="A system message."),
     n_predict: int = typer.Option(512, "-n", "--n-predict", help="Most tokens per reply."),
     threads: Optional[int] = ThreadsOpt,
@@ -313,12 +385,19 @@ def perplexity(
 
 
 @app.command()
-def show(model: Optional[Path] = typer.Argument(None, help="Model file (.bnr); default: the demo model.")):
+def show(
+    model: Optional[str] = typer.Argument(None, help="Model file (.bnr or .gguf) or a stored model's name; "
+                                          "default: the demo model."),
+    model_opt: Optional[str] = typer.Option(None, "-m", "--model", help="The same, as an option."),
+):
     """Print a model file's metadata and tensor table."""
     from .fileformat import read_header
 
+    if model is not None and model_opt is not None:
+        _fail("give the model as an argument or with -m, not both")
+    path = _model_path(model if model is not None else model_opt)
     try:
-        header = read_header(model if model is not None else default_model())
+        header = read_header(path)
     except (OSError, ValueError) as exc:
         _fail(str(exc))
     # plain aligned text rather than a rich table: it stays greppable and never truncates names
@@ -386,8 +465,8 @@ def _peer_models(shape: str, head: str, cache_dir: Optional[Path]) -> list:
 @app.command()
 def bench(
     model: Optional[List[str]] = typer.Option(
-        None, "-m", "--model", help="Model file(s) (.bnr): repeat -m or give a comma list. Default: the demo model, "
-        "unless --synthetic is given."),
+        None, "-m", "--model", help="Model file(s) (.bnr, .gguf) or stored models' names: repeat -m or give a comma "
+        "list. Default: the demo model, unless --synthetic is given."),
     synthetic: Optional[str] = typer.Option(
         None, "--synthetic", help="Synthetic random-ternary shape(s), comma list: tiny, tiny-tq, large-700m, 2b-4t, "
         "3b, 8b (written once into the cache)."),
@@ -448,14 +527,13 @@ def bench(
                 from .bench.peers import check_shape
 
                 check_shape(shape)
-        paths = [Path(m.strip()) for item in (model or []) for m in item.split(",") if m.strip()]
-        if not paths and not shapes:
-            paths = [default_model()]
-        for path in paths:
-            if not path.is_file():
-                raise bn.BenchError(f"{path}: no such model file")
+        names = [m.strip() for item in (model or []) for m in item.split(",") if m.strip()]
+        # a file is labelled by its stem, a stored model by its name
+        labelled = [(Path(m).stem if Path(m).is_file() else m, _model_path(m)) for m in names]
+        if not labelled and not shapes:
+            labelled = [(default_model().stem, default_model())]
         spec = bn.BenchSpec(
-            models=[(p.stem, p) for p in paths], n_prompt=p_list, n_gen=n_list, threads=t_list,
+            models=labelled, n_prompt=p_list, n_gen=n_list, threads=t_list,
             repetitions=repetitions, membw_bytes=max(membw_mib, 0) << 20, warmup=warmup, e2e=e2e,
             parallel=bn.parse_int_list(parallel, "--parallel", minimum=1) if parallel is not None else [],
         )

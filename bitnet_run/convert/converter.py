@@ -42,10 +42,7 @@ def convert_checkpoint(
     for a checkpoint it does not understand; nothing is left at `out` when conversion fails.
     Returns the path written.
     """
-    if weights not in ff.WEIGHT_ENCODINGS:
-        raise ValueError(f"weights must be one of {WEIGHT_ENCODINGS}, got {weights!r}")
-    if head is not None and head not in ff.HEAD_ENCODINGS:
-        raise ValueError(f"head must be one of {HEAD_ENCODINGS} or None, got {head!r}")
+    check_encodings(weights, head)
     directory, source = resolve_source(src)
     name = source.rstrip("/").split("/")[-1]
     checkpoint = Checkpoint(directory)
@@ -60,6 +57,19 @@ def convert_checkpoint(
     add_tokenizer_metadata(writer, checkpoint, hp.vocab_size)
     add_tensors(writer, checkpoint, family, hp, linears, weights, head)
 
+    return write_model(writer, out, name, progress)
+
+
+def check_encodings(weights: str, head: str | None) -> None:
+    if weights not in ff.WEIGHT_ENCODINGS:
+        raise ValueError(f"weights must be one of {WEIGHT_ENCODINGS}, got {weights!r}")
+    if head is not None and head not in ff.HEAD_ENCODINGS:
+        raise ValueError(f"head must be one of {HEAD_ENCODINGS} or None, got {head!r}")
+
+
+def write_model(writer: ff.Writer, out: str | Path, name: str,
+                progress: Callable[[int, int, str], None] | None = None) -> Path:
+    """writer.write into `out` (or `out`/<name>.bnr when `out` is a directory) atomically."""
     out = Path(out)
     if out.is_dir():
         out = out / (name + MODEL_SUFFIX)

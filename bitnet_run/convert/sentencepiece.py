@@ -84,6 +84,13 @@ def tokenizer_json_from_model(data: bytes, add_bos: bool = True) -> str:
             f"tokenizer.model: normalizer {rule!r} with remove_extra_whitespaces {bool(_first(normalizer, 4, 1))} "
             "is not supported (expected 'identity' without remove_extra_whitespaces, as Llama's)"
         )
+    return tokenizer_json_from_pieces(pieces, bool(_first(trainer, 35, 0)), bool(_first(normalizer, 3, 1)), add_bos)
+
+
+def tokenizer_json_from_pieces(pieces: list[tuple[str, float, int]], byte_fallback: bool, add_dummy_prefix: bool,
+                               add_bos: bool = True) -> str:
+    """The tokenizers JSON of a sentencepiece BPE vocabulary: (piece, score, type) by id. Also what a
+    GGUF `llama` vocabulary holds (tokenizer.ggml.tokens, scores, token_type; gguf_tokenizer.py)."""
     vocab = {piece: i for i, (piece, _score, _type) in enumerate(pieces)}
     unk = next((p for p, _s, t in pieces if t == UNKNOWN), None)
     merges = []
@@ -98,7 +105,7 @@ def tokenizer_json_from_model(data: bytes, add_bos: bool = True) -> str:
                 if t in (CONTROL, UNKNOWN, USER_DEFINED)]
     bos = next((p for p, _s, t in pieces if t == CONTROL and p == "<s>"), None)
     normalizers = [{"type": "Replace", "pattern": {"String": " "}, "content": SPACE}]
-    if _first(normalizer, 3, 1):  # add_dummy_prefix
+    if add_dummy_prefix:
         normalizers.insert(0, {"type": "Prepend", "prepend": SPACE})
     tokenizer = {
         "version": "1.0",
@@ -122,7 +129,7 @@ def tokenizer_json_from_model(data: bytes, add_bos: bool = True) -> str:
         ]},
         "model": {
             "type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
-            "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": bool(_first(trainer, 35, 0)),
+            "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": byte_fallback,
             "ignore_merges": False, "vocab": vocab, "merges": [[a, b] for a, b, _s in merges],
         },
     }
