@@ -291,9 +291,22 @@ class Engine:
                     if self._stopping:
                         break
                     self._admit()
-                self._step()
+                try:
+                    self._step()
+                except Exception as exc:  # a bug must cost the requests in flight, not the server
+                    self._fail_busy(f"internal error: {type(exc).__name__}: {exc}")
         finally:
             self._shutdown()
+
+    def _fail_busy(self, message: str) -> None:
+        """Fails every busy slot's job and forgets its cache (its state is unknown after an error)."""
+        for slot in self.slots:
+            if slot.job is not None:
+                self._send(slot.job, Failed(message))
+                self.metrics.requests_failed += 1
+                self._release(slot)
+                slot.cached = []
+                self.context.clear(slot.index)
 
     def _shutdown(self) -> None:
         with self._cond:
