@@ -332,3 +332,23 @@ def test_model_that_fails_to_load_is_one_line_and_exit_1(tmp_path):
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "bad.bnr" in errors[0], result.stderr
+
+
+def test_health_while_loading_and_after_a_failed_load(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from bitnet_run.serve import ServeConfig, create_app
+
+    loading = TestClient(create_app(ServeConfig(DEMO)))  # no lifespan yet: the model has not loaded
+    r = loading.get("/health")
+    assert r.status_code == 503 and r.json() == {"status": "loading"} and r.headers["retry-after"]
+    assert _error(loading.post("/v1/completions", json={"prompt": "x"}), 503)["type"] == "unavailable_error"
+
+    bad = tmp_path / "bad.bnr"
+    bad.write_bytes(b"not a model file" * 100)
+    app = create_app(ServeConfig(bad))
+    with TestClient(app) as failed:
+        assert not app.state.engine.wait_loaded(timeout=60)
+        r = failed.get("/health")
+        assert r.status_code == 500 and r.json()["status"] == "error" and "bad.bnr" in r.json()["error"]
+        assert "bad.bnr" in _error(failed.post("/v1/completions", json={"prompt": "x"}), 500)["message"]
