@@ -214,6 +214,17 @@ def test_disconnect_mid_stream_frees_the_slot(server):
     assert server.metric("generated_tokens_total") == generated  # nothing decodes for the gone client
 
 
+def test_disconnect_while_waiting_for_a_whole_answer_frees_the_slot(server):
+    assert wait_until(lambda: server.metric("slots_busy") == 0, 30)
+    cancelled = server.metric("requests_cancelled_total")
+    body = {"prompt": "Once upon a time", "max_tokens": 500, "temperature": 1.0, "seed": 3,
+            "logit_bias": {"1": -100, "2": -100}}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up long before 500 tokens
+        httpx.post(f"{server.url}/v1/completions", json=body, timeout=httpx.Timeout(10, read=0.2))
+    assert wait_until(lambda: server.metric("slots_busy") == 0, 10), "the slot stayed busy after the disconnect"
+    assert server.metric("requests_cancelled_total") == cancelled + 1
+
+
 # ---- other endpoints -----------------------------------------------------------------------------------
 def test_models_health_and_metrics(server, client):
     assert [m.id for m in client.models.list().data] == ["demo"]
