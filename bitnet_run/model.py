@@ -10,6 +10,7 @@ from typing import Iterator
 import numpy as np
 
 from ._bitnet import ffi, lib
+from .context import KV_TYPES, Context
 from .errors import BitNetError, ContextOverflowError, ModelFileError
 from .sampling import Sampler, SamplingParams
 from .tokenizer import IncrementalDecoder, TextCodec
@@ -39,16 +40,20 @@ class GenerationStats:
 class Model:
     """A BitNet b1.58 model loaded from a packed .bnr file.
 
-    n_threads: worker threads of the runtime (None: one per CPU). n_ctx: context window in tokens
-    (None: the model's trained context length).
+    n_threads: worker threads of the runtime (None: one per CPU). n_ctx: context window in tokens per
+    sequence (None: min(the model's trained context length, 4096)). kv_type: the KV cache's element
+    type, "f16" or "f32". n_seq: sequence slots of the default context.
     """
 
-    def __init__(self, path: str | os.PathLike, n_threads: int | None = None, n_ctx: int | None = None):
+    def __init__(self, path: str | os.PathLike, n_threads: int | None = None, n_ctx: int | None = None,
+                 kv_type: str = "f16", n_seq: int = 1):
         self.path = Path(path)
         if n_threads is not None and n_threads < 1:
             raise ValueError(f"n_threads must be >= 1, got {n_threads}")
         if n_ctx is not None and n_ctx < 1:
             raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
+        if kv_type not in KV_TYPES:
+            raise ValueError(f"kv_type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
         err = ffi.new("char[]", _ERR_LEN)
         model_p = ffi.new("bn_model **")
         status = lib.bn_model_load(os.fsencode(self.path), model_p, err, _ERR_LEN)
@@ -61,14 +66,9 @@ class Model:
         self.hparams = {name: getattr(hp, name) for name, _ in ffi.typeof("bn_hparams").fields}
         self.n_vocab = hp.vocab_size
 
-        ctx_p = ffi.new("bn_context **")
-        status = lib.bn_context_new(self._model, n_ctx or 0, n_threads or 0, ctx_p, err, _ERR_LEN)
-        if status != lib.BN_OK:
-            raise BitNetError(ffi.string(err).decode(errors="replace"))
-        # the context holds a pointer to the model: keep the model alive as long as the context
-        self._ctx = ffi.gc(ctx_p[0], lib.bn_context_free)
-        self.n_ctx = lib.bn_context_n_ctx(self._ctx)
-        self.n_threads = lib.bn_context_n_threads(self._ctx)
+        self.context = Context(self, n_ctx=n_ctx, n_seq=n_seq, n_threads=n_threads, kv_type=kv_type)
+        self.n_ctx = self.context.n_ctx
+        self.n_threads = self.context.n_threads
 
         self.stop_ids = set(self._meta_i32_array("tokenizer.stop_ids"))
         codec_args = dict(
@@ -157,30 +157,7 @@ class Model:
     # ---- evaluation -----------------------------------------------------------------------------
     def _eval(self, ids, pos: int, all_logits: bool) -> np.ndarray:
         """Evaluates ids at positions pos.. with the cache below pos; returns logits [n, vocab] or [vocab]."""
-        tokens = np.ascontiguousarray(ids, dtype=np.int32)
-        if tokens.ndim != 1 or tokens.size == 0:
-            raise ValueError("expected a non-empty 1-D sequence of token ids")
-        if pos + tokens.size > self.n_ctx:
-            raise ContextOverflowError(
-                f"{tokens.size} tokens at position {pos} do not fit in the context of {self.n_ctx} tokens"
-            )
-        out = np.empty((tokens.size, self.n_vocab) if all_logits else (self.n_vocab,), dtype=np.float32)
-        status = lib.bn_eval(
-            self._ctx,
-            ffi.cast("const int32_t *", ffi.from_buffer(tokens)),
-            tokens.size,
-            pos,
-            ffi.cast("float *", ffi.from_buffer(out)),
-            int(all_logits),
-        )
-        if status != lib.BN_OK:
-            message = ffi.string(lib.bn_context_error(self._ctx)).decode(errors="replace")
-            if status == lib.BN_ERR_CONTEXT:
-                raise ContextOverflowError(message)
-            if status == lib.BN_ERR_ARG:
-                raise ValueError(message)
-            raise BitNetError(message)
-        return out
+        return self.context.eval(ids, pos, seq=0, all_logits=all_logits)
 
     def logits(self, ids) -> np.ndarray:
         """float32 logits of shape (len(ids), n_vocab), evaluated from position 0 with a fresh cache."""

@@ -149,6 +149,7 @@ const bn_kernels bn_kernels_ref = {
     .q8_matmul = q8_matmul_ref,
     .quantize_row = bn_quantize_row_i8,
     .attention_head = bn_attention_head,
+    .attention_head_f16 = bn_attention_head_f16,
 };
 
 /* ---- selection: the one place where CPU features pick a variant ---- */

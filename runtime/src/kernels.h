@@ -83,6 +83,10 @@ typedef struct {
     float (*quantize_row)(int8_t *q, const float *x, uint32_t n);
     void (*attention_head)(float *out, const float *q, const float *k, const float *v, uint64_t stride,
                            uint32_t n_pos, uint32_t D, float scale, float *att);
+    /* The same over the f16 KV cache (reference bn_attention_head_f16); every variant sets it (to the
+     * reference where it has no faster one). */
+    void (*attention_head_f16)(float *out, const float *q, const uint16_t *k, const uint16_t *v, uint64_t stride,
+                               uint32_t n_pos, uint32_t D, float scale, float *att);
 } bn_kernels;
 
 /* The ternary kernel of a variant for encoding I2, TL1 or TL2; NULL for any other encoding. */

@@ -737,27 +737,41 @@ BN_AVX2 BN_INLINE float hsum8_ps(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
 }
 
-BN_AVX2 void bn_attention_head_avx2(float *out, const float *q, const float *k, const float *v, uint64_t stride,
-                                    uint32_t n_pos, uint32_t D, float scale, float *att) {
-    if (D % 8) {
-        bn_attention_head(out, q, k, v, stride, n_pos, D, scale, att);
-        return;
-    }
+/* 8 cache elements from element i of a row, widened to float: f16 (kv_f16, exact) or float. */
+BN_AVX2 BN_INLINE __m256 load8_kv(const void *row, uint64_t i, int kv_f16) {
+    return kv_f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + i)))
+                  : _mm256_loadu_ps((const float *)row + i);
+}
+
+/* One attention head over either cache type, D % 8 == 0 (kv_f16 is a constant at each call). */
+BN_AVX2 BN_INLINE void attention_head_avx2(float *out, const float *q, const void *k, const void *v, uint64_t stride,
+                                           uint32_t n_pos, uint32_t D, float scale, float *att, int kv_f16) {
     for (uint32_t j = 0; j < n_pos; j++) {
-        const float *kj = k + j * stride;
         __m256 acc = _mm256_setzero_ps();
         for (uint32_t i = 0; i < D; i += 8)
-            acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(kj + i)));
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(q + i), load8_kv(k, j * stride + i, kv_f16)));
         att[j] = hsum8_ps(acc) * scale;
     }
     const float sum = bn_softmax_numerators(att, n_pos);
     memset(out, 0, D * sizeof *out);
     for (uint32_t j = 0; j < n_pos; j++) {
-        const float *vj = v + j * stride;
         const __m256 p = _mm256_set1_ps(att[j] / sum);
         for (uint32_t i = 0; i < D; i += 8)
-            _mm256_storeu_ps(out + i, _mm256_add_ps(_mm256_loadu_ps(out + i), _mm256_mul_ps(p, _mm256_loadu_ps(vj + i))));
+            _mm256_storeu_ps(out + i,
+                             _mm256_add_ps(_mm256_loadu_ps(out + i), _mm256_mul_ps(p, load8_kv(v, j * stride + i, kv_f16))));
     }
+}
+
+BN_AVX2 void bn_attention_head_avx2(float *out, const float *q, const float *k, const float *v, uint64_t stride,
+                                    uint32_t n_pos, uint32_t D, float scale, float *att) {
+    if (D % 8) bn_attention_head(out, q, k, v, stride, n_pos, D, scale, att);
+    else attention_head_avx2(out, q, k, v, stride, n_pos, D, scale, att, 0);
+}
+
+BN_AVX2 void bn_attention_head_f16_avx2(float *out, const float *q, const uint16_t *k, const uint16_t *v,
+                                        uint64_t stride, uint32_t n_pos, uint32_t D, float scale, float *att) {
+    if (D % 8) bn_attention_head_f16(out, q, k, v, stride, n_pos, D, scale, att);
+    else attention_head_avx2(out, q, k, v, stride, n_pos, D, scale, att, 1);
 }
 
 const bn_kernels bn_kernels_avx2 = {
@@ -769,6 +783,7 @@ const bn_kernels bn_kernels_avx2 = {
     .q8_matmul = bn_q8_matmul_avx2,
     .quantize_row = bn_quantize_row_avx2,
     .attention_head = bn_attention_head_avx2,
+    .attention_head_f16 = bn_attention_head_f16_avx2,
 };
 
 #else

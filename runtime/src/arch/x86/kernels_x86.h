@@ -28,5 +28,7 @@ void bn_q8_matmul_avx2(float *y, size_t ldy, const int8_t *x, size_t ldx, const 
 float bn_quantize_row_avx2(int8_t *q, const float *x, uint32_t n);
 void bn_attention_head_avx2(float *out, const float *q, const float *k, const float *v, uint64_t stride,
                             uint32_t n_pos, uint32_t D, float scale, float *att);
+void bn_attention_head_f16_avx2(float *out, const float *q, const uint16_t *k, const uint16_t *v, uint64_t stride,
+                                uint32_t n_pos, uint32_t D, float scale, float *att);
 
 #endif
