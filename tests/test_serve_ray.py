@@ -18,6 +18,8 @@ import openai  # noqa: E402
 
 from serving import DEMO, free_port, wait_until  # noqa: E402
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pydantic warnings from inside ray
+
 PROMPTS = ["Once upon a time", "The function returns", "In the beginning", "Python is"] * 3
 
 

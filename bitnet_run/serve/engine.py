@@ -220,13 +220,13 @@ class Engine:
             self._thread.join(timeout)
 
     def _load(self) -> None:
-        from ..context import Context
         from ..model import Model
 
         try:
-            self.model = Model(self.model_path, n_threads=self.n_threads_wanted, n_ctx=self.n_ctx_wanted)
-            self.context = Context(self.model, n_ctx=self.n_ctx_wanted, n_seq=self.n_parallel,
-                                   n_threads=self.n_threads_wanted, kv_type=self.kv_type)
+            # the model's own context, with one sequence per slot
+            self.model = Model(self.model_path, n_threads=self.n_threads_wanted, n_ctx=self.n_ctx_wanted,
+                               kv_type=self.kv_type, n_seq=self.n_parallel)
+            self.context = self.model.context
         except Exception as exc:  # any load failure becomes the server's error state, never a crash
             self.state, self.error = "error", str(exc)
             return
@@ -443,9 +443,9 @@ class Engine:
         peak = row.max()
         log_norm = peak + np.log(np.exp(row - peak).sum())
         top = []
-        if n_top > 0:
-            ids, values = top_logprobs(logits, n_top)
-            top = [(int(i), self._token_text(int(i)), float(v)) for i, v in zip(ids, values)]
+        if n_top > 0:  # the C top-n picks the ids; every value comes from the one float64 log-softmax
+            ids, _ = top_logprobs(logits, n_top)
+            top = [(int(i), self._token_text(int(i)), float(row[i] - log_norm)) for i in ids]
         return TokenLogprob(token, self._token_text(token), float(row[token] - log_norm), top)
 
     def _token_text(self, token: int) -> str:
