@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import pytest
 
 try:
-    import ray
-    from ray import serve
+    with warnings.catch_warnings():  # ray's own pydantic models warn on import
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import ray
+        from ray import serve
 except ImportError as exc:  # ray publishes wheels for a limited set of Pythons and platforms
     reason = f"ray[serve] is not installed for Python {sys.version.split()[0]} ({exc}); pip install 'ray[serve]'"
     print(f"SKIP: {reason}", file=sys.stderr)
@@ -17,8 +20,6 @@ import httpx  # noqa: E402
 import openai  # noqa: E402
 
 from serving import DEMO, free_port, wait_until  # noqa: E402
-
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pydantic warnings from inside ray
 
 PROMPTS = ["Once upon a time", "The function returns", "In the beginning", "Python is"] * 3
 
