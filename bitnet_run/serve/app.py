@@ -112,7 +112,8 @@ def create_app(config: ServeConfig) -> FastAPI:
         model = _ready(engine)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         try:
-            prompt_ids = model.tokenize(model.apply_chat_template(messages), add_bos=False)
+            # special-token text typed into a message stays text (Model.tokenize_chat)
+            prompt_ids = model.tokenize_chat(messages)
         except (jinja2.TemplateError, ValueError) as exc:
             raise pr.APIError(400, f"messages: the chat template cannot render them: {exc}", "messages") from None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens

@@ -28,6 +28,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..model import _split_stop
 from ..sampling import SamplingParams
 
 PROMPT_CHUNK = 64
@@ -98,39 +99,6 @@ class Job:
         self.cancelled = True
 
 
-class StopMatcher:
-    """Holds back generated text that could be the start of a stop string, so a stop string is never
-    sent, even when it spans several tokens."""
-
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops = tuple(s for s in stops if s)
-        self.pending = ""
-
-    def push(self, piece: str) -> tuple[str, bool]:
-        """(text that is safe to release, whether a stop string was found)."""
-        self.pending += piece
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            text, self.pending = self.pending[: min(hits)], ""
-            return text, True
-        hold = max((_overlap(self.pending, s) for s in self.stops), default=0)
-        cut = len(self.pending) - hold
-        text, self.pending = self.pending[:cut], self.pending[cut:]
-        return text, False
-
-    def flush(self) -> str:
-        text, self.pending = self.pending, ""
-        return text
-
-
-def _overlap(text: str, stop: str) -> int:
-    """Length of the longest suffix of text that is a proper prefix of stop."""
-    for n in range(min(len(text), len(stop) - 1), 0, -1):
-        if text.endswith(stop[:n]):
-            return n
-    return 0
-
-
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -150,7 +118,7 @@ class Slot:
     next_token: int = -1  # the sampled token to evaluate in the next step (generating)
     sampler: object = None
     decoder: object = None
-    stops: StopMatcher | None = None
+    held: str = ""  # decoded text held back: it may be the start of a stop string
     n_generated: int = 0
     cached_prompt: int = 0  # prompt tokens reused from the cache
     unsent: list[TokenLogprob] = field(default_factory=list)
@@ -247,9 +215,9 @@ class Engine:
             raise EngineNotReady(self.error or "the model is loading")
         if not job.prompt_ids:
             raise ValueError("the prompt is empty (no tokens)")
-        if len(job.prompt_ids) >= self.n_ctx:
-            raise ValueError(f"the prompt has {len(job.prompt_ids)} tokens but the context holds {self.n_ctx} "
-                             f"(at most {self.n_ctx - 1} prompt tokens leave room for one generated token)")
+        if len(job.prompt_ids) > self.n_ctx:
+            raise ValueError(f"the prompt has {len(job.prompt_ids)} tokens but a slot's context holds "
+                             f"{self.n_ctx} (-c)")
         with self._cond:
             if self._stopping:
                 raise EngineNotReady("the server is shutting down")
@@ -355,7 +323,7 @@ class Engine:
         for token in job.prompt_ids[-job.params.penalty_last_n:] if job.params.penalty_last_n > 0 else ():
             slot.sampler.accept(token)
         slot.decoder = IncrementalDecoder(self.model.codec)
-        slot.stops = StopMatcher(job.stop)
+        slot.held = ""
         self.metrics.prompt_tokens_cached += keep
 
     def _step(self) -> None:
@@ -413,40 +381,42 @@ class Engine:
             self.metrics.recent.append((now, generated))
 
     def _sample(self, slot: Slot, logits: np.ndarray) -> int:
-        """Samples the slot's next token and sends what it releases; returns 1 if a token was generated."""
+        """Samples the slot's next token and sends what it releases; returns 1 if a token was generated
+        (not a stop token). The same decisions as Model.stream_generate, one slot at a time."""
         job = slot.job
         token = slot.sampler.sample(logits)
-        if token in self.model.stop_ids:
-            self._finish(slot, "stop", slot.stops.flush(), new_token=False)
-            return 0
         slot.sampler.accept(token)
-        slot.n_generated += 1
-        if job.logprobs is not None:
-            slot.unsent.append(self._logprob(logits, token, job.logprobs))
-        text, stopped = slot.stops.push(slot.decoder.push(token))
-        if stopped:
-            self._finish(slot, "stop", text, new_token=True)
-        elif slot.n_generated >= job.max_tokens or len(slot.cached) + 1 >= self.n_ctx:
-            self._finish(slot, "length", text + slot.stops.flush(), new_token=True)
+        generated = token not in self.model.stop_ids
+        finish = None if generated else "stop"
+        if generated:
+            slot.n_generated += 1
+            if job.logprobs is not None:
+                slot.unsent.append(self._logprob(logits, token, job.logprobs))
+            slot.held += slot.decoder.push(token)
+            # the token is evaluated next step at position len(cached): it needs a free position
+            if slot.n_generated >= job.max_tokens or len(slot.cached) >= self.n_ctx:
+                finish = "length"
+        if finish is not None:
+            slot.held += slot.decoder.flush()
+        text, slot.held, matched = _split_stop(slot.held, list(job.stop))
+        if matched:
+            finish = "stop"
+        elif finish is not None:
+            text, slot.held = text + slot.held, ""  # the end: held text can no longer become a stop string
+        if finish is not None:
+            self._finish(slot, finish, text, new_token=generated)
         else:
             # one Delta per token, even with no text yet (a partial character, a possible stop string):
             # streams then have one chunk per token, as OpenAI's do
             self._send(job, Delta(text, slot.unsent))
             slot.unsent = []
             slot.next_token = token
-        return 1
+        return int(generated)
 
     def _logprob(self, logits: np.ndarray, token: int, n_top: int) -> TokenLogprob:
-        from ..sampling import top_logprobs
-
-        row = logits.astype(np.float64)
-        peak = row.max()
-        log_norm = peak + np.log(np.exp(row - peak).sum())
-        top = []
-        if n_top > 0:  # the C top-n picks the ids; every value comes from the one float64 log-softmax
-            ids, _ = top_logprobs(logits, n_top)
-            top = [(int(i), self._token_text(int(i)), float(row[i] - log_norm)) for i in ids]
-        return TokenLogprob(token, self._token_text(token), float(row[token] - log_norm), top)
+        lp = self.model._logprobs(logits, token, n_top)
+        top = [(i, self._token_text(i), value) for i, value in lp.top]
+        return TokenLogprob(token, self._token_text(token), lp.logprob, top)
 
     def _token_text(self, token: int) -> str:
         return self.model.codec.decode([token])
