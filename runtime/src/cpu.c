@@ -40,6 +40,24 @@ static void detect(bn_cpu_features *f) {
         }
     }
 }
+#elif defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMD
+#define HWCAP_ASIMD (1 << 1) /* Linux arch/arm64 uapi hwcap.h, for C libraries that lack the names */
+#endif
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+
+static void detect(bn_cpu_features *f) {
+    const unsigned long hwcap = getauxval(AT_HWCAP);
+    f->asimd = (hwcap & HWCAP_ASIMD) != 0;
+    f->asimddp = f->asimd && (hwcap & HWCAP_ASIMDDP) != 0;
+}
+#elif defined(__aarch64__)
+/* Advanced SIMD is part of every AArch64 ABI; without Linux's HWCAP the dot-product extension
+ * counts as absent. */
+static void detect(bn_cpu_features *f) { f->asimd = 1; }
 #else
 static void detect(bn_cpu_features *f) { (void)f; }
 #endif
@@ -59,6 +77,7 @@ static void init(void) {
         {"f16c", offsetof(bn_cpu_features, f16c)},      {"avx512f", offsetof(bn_cpu_features, avx512f)},
         {"avx512bw", offsetof(bn_cpu_features, avx512bw)}, {"avx512vnni", offsetof(bn_cpu_features, avx512vnni)},
         {"avxvnni", offsetof(bn_cpu_features, avxvnni)},
+        {"asimd", offsetof(bn_cpu_features, asimd)},     {"asimddp", offsetof(bn_cpu_features, asimddp)},
     };
     features_str[0] = '\0';
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {

@@ -1,4 +1,5 @@
-/* CPU feature detection (cpuid + xgetbv: a feature counts only if the OS saves its register state).
+/* CPU feature detection (x86: cpuid + xgetbv, a feature counting only if the OS saves its register
+ * state; AArch64: the kernel's HWCAP bits, getauxval(AT_HWCAP)).
  * Used by bn_kernels_select() to pick the kernel variant; nothing else should test CPU features. */
 #ifndef BN_CPU_H
 #define BN_CPU_H
@@ -13,9 +14,11 @@ typedef struct {
     int avx512bw;
     int avx512vnni;
     int avxvnni;
+    int asimd;   /* AArch64 Advanced SIMD (NEON) */
+    int asimddp; /* AArch64 SDOT/UDOT, the ARMv8.2 dot-product extension */
 } bn_cpu_features;
 
-/* Detected once (thread-safe); all zero on non-x86 CPUs. */
+/* Detected once (thread-safe); all zero on other CPUs. */
 const bn_cpu_features *bn_cpu_get_features(void);
 
 /* Space-separated names of the detected features, e.g. "sse4.2 avx avx2 fma f16c" ("" if none). */

@@ -163,6 +163,10 @@ static int usable_always(const bn_cpu_features *f) {
 static int usable_avx2(const bn_cpu_features *f) { return f->avx2 && f->f16c; }
 static int usable_avx512vnni(const bn_cpu_features *f) { return usable_avx2(f) && f->avx512bw && f->avx512vnni; }
 #endif
+#if defined(__aarch64__)
+static int usable_neon(const bn_cpu_features *f) { return f->asimd; }
+static int usable_neon_dotprod(const bn_cpu_features *f) { return f->asimd && f->asimddp; }
+#endif
 
 static const struct {
     const bn_kernels *kernels;
@@ -172,6 +176,10 @@ static const struct {
 #if defined(__x86_64__)
     {&bn_kernels_avx2, usable_avx2},
     {&bn_kernels_avx512vnni, usable_avx512vnni},
+#endif
+#if defined(__aarch64__)
+    {&bn_kernels_neon, usable_neon},
+    {&bn_kernels_neon_dotprod, usable_neon_dotprod},
 #endif
 };
 
