@@ -356,7 +356,7 @@ def chat(
 
 @app.command()
 def perplexity(
-    model: Optional[Path] = ModelOpt,
+    model: Optional[str] = ModelOpt,
     file: Path = typer.Option(..., "-f", "--file", help="The text to score."),
     ctx_size: int = typer.Option(512, "-c", "--ctx-size", help="Window size in tokens."),
     chunks: Optional[int] = typer.Option(None, "--chunks", help="Score at most this many windows (default: all)."),
@@ -560,6 +560,136 @@ def bench(
     except (bn.BenchError, ValueError, OSError, MemoryError, RuntimeError, _BitNetError) as exc:
         _fail(str(exc))
     sys.stdout.write(bn.format_rows(rows, output))
+
+
+# ---- serving (docs/serving.md) ---------------------------------------------------------------------
+@app.command()
+def serve(
+    model: Optional[str] = ModelOpt,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8080, "--port", help="Port to listen on."),
+    parallel: int = typer.Option(4, "--parallel", "-np", help="Slots: requests decoded together in one batch."),
+    ctx_size: Optional[int] = typer.Option(None, "-c", "--ctx-size", help="Context size per slot in tokens "
+                                           "(default: the model's, at most 4096)."),
+    threads: Optional[int] = ThreadsOpt,
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="BITNET_RUN_API_KEY",
+                                          help="Require 'Authorization: Bearer KEY' (also $BITNET_RUN_API_KEY)."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait for a slot; beyond: 503."),
+    cache_type: str = typer.Option("f16", "--cache-type", help="KV cache type: f16 or f32."),
+    alias: Optional[str] = typer.Option(None, "--alias", help="Model id in the API (default: the file name)."),
+    drain_timeout: float = typer.Option(30.0, "--drain-timeout", help="Seconds SIGTERM waits for streams in flight."),
+):
+    """Serve the model over an OpenAI-compatible HTTP API with continuous batching."""
+    from .serve import ServeConfig
+    from .serve import serve as run_server
+
+    if cache_type not in ("f16", "f32"):
+        _fail(f"--cache-type must be f16 or f32, not {cache_type!r}")
+    for name, value, low in (("--parallel", parallel, 1), ("--max-queue", max_queue, 0), ("-c", ctx_size, 1),
+                             ("-t", threads, 1), ("--port", port, 0)):
+        if value is not None and value < low:
+            _fail(f"{name} must be >= {low}, got {value}")
+    path = _model_path(model)
+    config = ServeConfig(path, model_name=alias, n_parallel=parallel, n_ctx=ctx_size, n_threads=threads,
+                         kv_type=cache_type, api_key=api_key, max_queue=max_queue)
+    err_console.print(f"serve: {path} on http://{host}:{port} ({parallel} slots)", highlight=False)
+    raise typer.Exit(run_server(config, host=host, port=port, drain_timeout=drain_timeout))
+
+
+@app.command("bench-serve")
+def bench_serve(
+    url: Optional[List[str]] = typer.Option(None, "--url", help="Running OpenAI-compatible server(s) to load, "
+                                            "LABEL=URL or URL (repeat or comma list)."),
+    model: Optional[Path] = typer.Option(None, "-m", "--model", help="Start `bitnet-run serve` on this model."),
+    synthetic: Optional[str] = typer.Option(None, "--synthetic", help="Start `bitnet-run serve` on this synthetic "
+                                            "shape (e.g. 2b-4t; written once into the cache)."),
+    peers: str = typer.Option("none", "--peers", help="none or llamacpp: also start llama.cpp's server "
+                              "(llama-cpp-python[server]) on the same shape's TQ2_0 GGUF (--synthetic only)."),
+    concurrency: str = typer.Option("1,4,8", "--concurrency", help="Concurrent streams, comma list."),
+    duration: float = typer.Option(30.0, "--duration", help="Seconds of load per server and concurrency."),
+    n_prompt: int = typer.Option(32, "-p", "--n-prompt", help="Prompt tokens per request."),
+    n_gen: int = typer.Option(64, "-n", "--n-gen", help="max_tokens per request (greedy)."),
+    threads: Optional[int] = typer.Option(None, "-t", "--threads", help="Threads of the servers it starts "
+                                          "(default: one per CPU)."),
+    ctx_size: int = typer.Option(512, "-c", "--ctx-size", help="Context per slot of the servers it starts."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Bearer token for --url servers."),
+    output: str = typer.Option("md", "-o", "--output", help="md or json."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where synthetic models are cached."),
+    warmup: bool = typer.Option(True, "--warmup/--no-warmup", help="One untimed request per server first."),
+):
+    """Load-test servers: N concurrent streaming clients for a fixed time (requests/s, tokens/s, TTFT, ITL)."""
+    import tempfile
+
+    from .bench import serve as bs
+
+    try:
+        streams = [int(c) for c in concurrency.split(",") if c.strip()]
+        if not streams or min(streams) < 1:
+            raise bs.BenchServeError(f"--concurrency must be positive integers, got {concurrency!r}")
+        if output not in ("md", "json"):
+            raise bs.BenchServeError(f"-o must be md or json, not {output!r}")
+        if peers not in ("none", "llamacpp"):
+            raise bs.BenchServeError(f"--peers must be none or llamacpp, not {peers!r}")
+        if peers != "none" and not synthetic:
+            raise bs.BenchServeError("--peers runs on a --synthetic shape (the same shape is written as GGUF)")
+        if model is not None and synthetic:
+            raise bs.BenchServeError("give -m or --synthetic, not both")
+        if duration <= 0 or n_prompt < 1 or n_gen < 1:
+            raise bs.BenchServeError("--duration, -p and -n must be positive")
+        targets = []
+        for item in (u.strip() for entry in (url or []) for u in entry.split(",")):
+            if item:
+                label, _, address = item.rpartition("=")
+                targets.append(bs.Target(label or address, address.rstrip("/"), api_key))
+        if model is not None and not model.is_file():
+            raise bs.BenchServeError(f"{model}: no such model file")
+        if not targets and model is None and not synthetic:
+            raise bs.BenchServeError("nothing to load: give --url, -m or --synthetic")
+        if synthetic:
+            from .bench import synthetic as syn
+
+            syn.get_shape(synthetic)
+    except (bs.BenchServeError, ValueError) as exc:
+        _fail(str(exc))
+
+    n_threads = threads or os.cpu_count() or 1
+    gguf = None
+    if synthetic:
+        model = _synthetic_model(synthetic, "bf16", "i2", cache_dir)
+        if peers == "llamacpp":
+            from .bench import peers as pr
+
+            pr.check_shape(synthetic)
+            gguf = _cached_or_written(
+                pr.cached_gguf(synthetic, "TQ2_0", "f16", cache_dir),
+                f"the llama.cpp GGUF {pr.gguf_file_name(synthetic, 'TQ2_0', 'f16')}", f"GGUF {synthetic} TQ2_0",
+                lambda report: pr.ensure_gguf(synthetic, "TQ2_0", "f16", cache_dir, progress=report))
+
+    def log(message: str) -> None:
+        err_console.print(f"[dim]bench-serve: {message}[/]", highlight=False)
+
+    launched = []
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as logs:
+        try:
+            if model is not None:
+                log(f"starting bitnet-run serve on {model} ({n_threads} threads, {max(streams)} slots)")
+                ours = bs.launch_ours(model, n_threads, max(streams), ctx_size, Path(logs))
+                launched.append(ours)
+                targets.append(bs.Target("bitnet-run", ours.wait_ready().url))
+            if gguf is not None:
+                log(f"starting llama.cpp's server on {gguf} ({n_threads} threads)")
+                peer = bs.launch_llamacpp(gguf, n_threads, ctx_size, Path(logs))
+                launched.append(peer)
+                targets.append(bs.Target("llama.cpp TQ2_0", peer.wait_ready(health="/v1/models").url))
+            rows = bs.run(targets, streams, duration, bs.prompt_tokens(n_prompt), n_gen, warmup=warmup, log=log)
+        except (bs.BenchServeError, OSError) as exc:
+            _fail(str(exc))
+        finally:
+            for server in launched:
+                server.stop()
+    meta = dict(bs.machine_facts(), threads=n_threads, n_prompt=n_prompt, n_gen=n_gen, duration_s=duration,
+                command=" ".join(sys.argv))
+    sys.stdout.write(bs.format_rows(rows, output, meta))
 
 
 if __name__ == "__main__":
