@@ -329,7 +329,9 @@ def test_peer_bin_arguments(tmp_path):
 
     fake = _fake_llama_bench(tmp_path, RECORDED_JSONL)
     assert bench.parse_peer_bins([f"bitnetcpp={fake}"]) == {"bitnetcpp": fake}
+    (tmp_path / "not-executable").write_text("")
     bad = [
+        ([f"bitnetcpp={tmp_path / 'not-executable'}"], "is not an executable file"),
         (["bitnetcpp"], "expected NAME=PATH"),
         ([f"={fake}"], "expected NAME=PATH"),
         (["vllm=/bin/true"], "unknown peer 'vllm'"),
