@@ -11,15 +11,18 @@ from cffi import FFI
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNTIME = ROOT / "runtime"
-HEADER = RUNTIME / "include" / "bitnet.h"
+# The public API, then the development one (kernel introspection, timing, bandwidth probe).
+HEADERS = [RUNTIME / "include" / "bitnet.h", RUNTIME / "include" / "bitnet_dev.h"]
 
 
 def _cdef_text() -> str:
-    text = HEADER.read_text()
-    match = re.search(r"/\* CDEF-BEGIN \*/(.*)/\* CDEF-END \*/", text, re.S)
-    if match is None:
-        raise RuntimeError(f"{HEADER}: CDEF-BEGIN/CDEF-END markers not found")
-    return match.group(1)
+    parts = []
+    for header in HEADERS:
+        match = re.search(r"/\* CDEF-BEGIN \*/(.*)/\* CDEF-END \*/", header.read_text(), re.S)
+        if match is None:
+            raise RuntimeError(f"{header}: CDEF-BEGIN/CDEF-END markers not found")
+        parts.append(match.group(1))
+    return "\n".join(parts)
 
 
 def _sources() -> list[str]:
@@ -38,7 +41,7 @@ ffibuilder = FFI()
 ffibuilder.cdef(_cdef_text())
 ffibuilder.set_source(
     "bitnet_run._bitnet",
-    '#include "bitnet.h"',
+    "".join(f'#include "{h.name}"\n' for h in HEADERS),
     sources=_sources(),
     include_dirs=[str(RUNTIME / "include"), str(RUNTIME / "src")],
     extra_compile_args=_compile_args(),

@@ -303,14 +303,15 @@ def _peer_models(shape: str, head: str, cache_dir: Optional[Path], peer_list: li
     bitnet.cpp I2_S, ik_llama.cpp IQ2_BN and IQ2_BN_R4 (made by its own llama-quantize). A peer
     with a --peer-bin is timed by that llama-bench (facts["llama_bench"])."""
     from .bench import peers as pr
+    from .bench import synthetic as syn
 
     gguf_head = "f16" if head == "bf16" else "q8_0"
     out = []
 
-    def add(runtime: str, peer: str, linear_type: str, arch: str, cached, write) -> None:
-        name = pr.gguf_file_name(shape, linear_type, gguf_head, arch)
+    def add(runtime: str, peer: str, linear_type: str, architecture: Optional[str], cached, write) -> None:
+        name = pr.gguf_file_name(shape, linear_type, gguf_head, architecture)
         path = _cached_or_written(cached, f"the {runtime} GGUF {name}", f"GGUF {shape} {linear_type}", write)
-        facts = pr.gguf_facts(shape, linear_type, gguf_head, arch)
+        facts = pr.gguf_facts(shape, linear_type, gguf_head, architecture)
         if peer in peer_bins:
             facts["llama_bench"] = peer_bins[peer]
         out.append((f"{runtime} {linear_type}", path, facts))
@@ -318,15 +319,16 @@ def _peer_models(shape: str, head: str, cache_dir: Optional[Path], peer_list: li
     for peer in peer_list:
         if peer == "llamacpp":
             for lt in pr.LINEAR_TYPES:
-                add("llama.cpp", peer, lt, "bitnet", pr.cached_gguf(shape, lt, gguf_head, cache_dir),
+                add("llama.cpp", peer, lt, None, pr.cached_gguf(shape, lt, gguf_head, cache_dir),
                     lambda report, lt=lt: pr.ensure_gguf(shape, lt, gguf_head, cache_dir, progress=report))
         elif peer == "bitnetcpp":
-            add("bitnet.cpp", peer, pr.I2S, "bitnet", pr.cached_gguf(shape, pr.I2S, gguf_head, cache_dir),
+            add("bitnet.cpp", peer, pr.I2S, None, pr.cached_gguf(shape, pr.I2S, gguf_head, cache_dir),
                 lambda report: pr.ensure_gguf(shape, pr.I2S, gguf_head, cache_dir, progress=report))
         elif peer == "ikllama":
             quantize = peer_bins[peer].parent / "llama-quantize"
+            ik_arch = pr.ik_architecture(syn.get_shape(shape))
             for lt in pr.IK_TYPES:
-                add("ik_llama.cpp", peer, lt, pr.IK_ARCH, pr.cached_gguf(shape, lt, gguf_head, cache_dir, arch=pr.IK_ARCH),
+                add("ik_llama.cpp", peer, lt, ik_arch, pr.cached_gguf(shape, lt, gguf_head, cache_dir, architecture=ik_arch),
                     lambda report, lt=lt: pr.ensure_ik_gguf(shape, lt, gguf_head, quantize, cache_dir, progress=report))
     return out
 

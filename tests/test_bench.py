@@ -103,7 +103,7 @@ def test_written_once_and_reused(cache_dir, tiny_path):
 
 def test_untied_bytes_per_token(tmp_path):
     """An untied model reads its lm_head whole but only one embedding row per generated token."""
-    shape = syn.Shape("untied", 512, 128, 344, 1, 4, 2, False, 64, 10000.0, "test")
+    shape = syn.make_shape("untied", 512, 128, 344, 1, 4, 2, False, 64, 10000.0, "test")
     path = syn.write_synthetic(shape, tmp_path / "untied.bnr")
     facts = bench.model_facts(path, "untied")
     total = sum(t.nbytes for t in syn.tensor_plan(shape))

@@ -154,8 +154,11 @@ def _our_ternary(path, name):
 
 
 def _bnr_name(i, gguf_suffix):
-    names = {v: k for k, v in peers._LAYER_NAMES.items()}
-    return f"model.layers.{i}.{names[gguf_suffix]}.weight"
+    """Our name of the GGUF tensor blk.<i>.<gguf_suffix>.weight (the inverse of arch.gguf_name)."""
+    from bitnet_run.convert import arch
+
+    names = {arch.gguf_name(t.name): t.name for t in syn.tensor_plan(TINY_TQ)}
+    return names[f"blk.{i}.{gguf_suffix}.weight"]
 
 
 LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -188,12 +191,12 @@ def test_encode_i2s_layout():
         peers.decode_i2s(bad, flat.size)
 
 
-@pytest.mark.parametrize("arch", peers.ARCHS)
+@pytest.mark.parametrize("arch", ["bitnet", "bitnet-b1.58"])
 @pytest.mark.parametrize("head", peers.GGUF_HEADS)
 def test_i2s_gguf_holds_our_weights(tmp_path, arch, head):
     """The I2_S GGUF (ggml type 36, read back with our own header reader: gguf.GGUFReader rejects
     type 36) decodes to exactly the ternary weights and scales of our .bnr of the same seed."""
-    path = peers.ensure_gguf(TINY_TQ, peers.I2S, head, tmp_path, arch=arch)
+    path = peers.ensure_gguf(TINY_TQ, peers.I2S, head, tmp_path, architecture=arch)
     assert path.name == f"tiny-tq-i2_s-{head}{'' if arch == 'bitnet' else '-' + arch}.gguf"
     header = peers.read_gguf_header(path)
     assert header.fields["general.architecture"] == arch
@@ -214,7 +217,7 @@ def test_i2s_gguf_holds_our_weights(tmp_path, arch, head):
             assert scale == pytest.approx(want_scale, rel=1e-7)
     # cached: a second call returns the same file without rewriting it; another arch is another file
     mtime = path.stat().st_mtime_ns
-    assert peers.ensure_gguf(TINY_TQ, peers.I2S, head, tmp_path, arch=arch).stat().st_mtime_ns == mtime
+    assert peers.ensure_gguf(TINY_TQ, peers.I2S, head, tmp_path, architecture=arch).stat().st_mtime_ns == mtime
 
 
 def test_tq_gguf_holds_our_weights(tmp_path):
@@ -249,7 +252,7 @@ def test_gguf_header_reader_matches_gguf_py(tmp_path):
 
 def test_peer_gguf_facts_and_shape_checks():
     assert peers.gguf_facts("2b-4t", peers.I2S, "f16")["linear_bpw"] == pytest.approx(2.0, rel=1e-4)
-    bn = peers.gguf_facts("2b-4t", "IQ2_BN", "q8_0", arch=peers.IK_ARCH)
+    bn = peers.gguf_facts("2b-4t", "IQ2_BN", "q8_0", architecture=peers.ik_architecture(syn.get_shape("2b-4t")))
     # 64 weights in 16 bytes and an f32 scale per row: rows of 2560 and 6912 weights
     assert 2.0 < bn["linear_bpw"] < 2.0 + 32 / 2560 and "relu2" in bn["model_type"]
     peers.check_shape("2b-4t", (peers.I2S,) + peers.IK_TYPES)

@@ -2,11 +2,11 @@
 format, timed interleaved with bitnet-run.
 
 `write_gguf` writes a synthetic shape (bitnet_run/bench/synthetic.py) as a GGUF that llama.cpp-family
-runtimes load (REFERENCE.md sections 8 and 10): architecture `bitnet` (the 1bitLLM names, which
-llama.cpp, bitnet.cpp and ik_llama.cpp all know) or `bitnet-b1.58` (2B-4T's, relu2 FFN, known to
-bitnet.cpp's newer releases and to ik_llama.cpp), tensors token_embd, output_norm and
-blk.N.{attn_norm, attn_q, attn_k, attn_v, attn_output, attn_sub_norm, ffn_norm, ffn_gate, ffn_up,
-ffn_down, ffn_sub_norm}; norms F32, the tied embedding (= output head) Q8_0 or F16, the linears as
+runtimes load (REFERENCE.md sections 8 and 10): architecture `bitnet` for shapes with sub-norms
+(the 1bitLLM names, which llama.cpp, bitnet.cpp and ik_llama.cpp all know), `llama` for the others, or
+`bitnet-b1.58` (2B-4T's, relu2 FFN, known to bitnet.cpp's newer releases and to ik_llama.cpp), the
+tensors of the shape's plan (convert/arch.py) under their llama.cpp names (arch.gguf_name:
+token_embd, output_norm, blk.N.attn_q, ...); norms F32, the tied embedding (= output head) Q8_0 or F16, the linears as
 TQ2_0 / TQ1_0 (llama.cpp; quantized with gguf.quants.quantize) or I2_S (bitnet.cpp's ggml type 36,
 `encode_i2s`). The linears hold exactly the ternary weights of the synthetic .bnr of the same seed
 (drawn by synthetic.py's own generator, in the same order), times the same one scale per tensor.
@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import fileformat as ff
+from ..convert import arch
 from . import synthetic as syn
 
 GGUF_FORMAT = 2  # bump when the files written here change, so stale caches are rewritten
@@ -43,7 +44,7 @@ I2S = "I2_S"  # bitnet.cpp's (written here with encode_i2s)
 WRITTEN_TYPES = LINEAR_TYPES + (I2S,)
 IK_TYPES = ("IQ2_BN", "IQ2_BN_R4")  # ik_llama.cpp's, made from the I2_S file by its llama-quantize
 GGUF_HEADS = ("q8_0", "f16")
-ARCHS = ("bitnet", "bitnet-b1.58")
+ARCHITECTURES = ("bitnet", "llama", "bitnet-b1.58")
 
 # ggml type numbers outside gguf-py's enum (bitnet.cpp's and ik_llama.cpp's forks of ggml)
 GGML_TYPES = {I2S: 36, "IQ2_BN": 135, "IQ2_BN_R4": 335}
@@ -53,34 +54,6 @@ ROW_BLOCK = {"TQ2_0": 256, "TQ1_0": 256, I2S: 128, "IQ2_BN": 64, "IQ2_BN_R4": 64
 I2S_BLOCK = 128  # weights per I2_S block (32 bytes; bitnet.cpp's x86 layout)
 I2S_TAIL = 32  # bytes after an I2_S tensor's codes: its f32 scale, then zeros
 IQ2BN_ROW_META = 4  # bytes before each IQ2_BN row's codes: its f32 scale
-
-# llama.cpp tensor names of our per-layer tensors (synthetic.tensor_plan suffixes)
-_LAYER_NAMES = {
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "self_attn.attn_sub_norm": "attn_sub_norm",
-    "mlp.ffn_sub_norm": "ffn_sub_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-
-
-def gguf_name(name: str) -> str:
-    """The llama.cpp name of one of synthetic.tensor_plan's tensors."""
-    if name == "model.embed_tokens.weight":
-        return "token_embd.weight"
-    if name == "model.norm.weight":
-        return "output_norm.weight"
-    if name == "lm_head.weight":
-        return "output.weight"
-    parts = name.split(".")  # model.layers.N.<suffix>.weight
-    return f"blk.{parts[2]}.{_LAYER_NAMES['.'.join(parts[3:-1])]}.weight"
-
 
 def gguf_plan(shape: syn.Shape | str, linear_type: str = "TQ2_0", head: str = "q8_0") -> list[tuple[str, str, tuple[int, ...], str]]:
     """(gguf name, kind, dims as (rows, cols) like ours, ggml type name) of every tensor, in write order."""
@@ -96,7 +69,7 @@ def gguf_plan(shape: syn.Shape | str, linear_type: str = "TQ2_0", head: str = "q
             qtype = head.upper()
         else:
             qtype = "F32"
-        plan.append((gguf_name(t.name), t.kind, t.dims, qtype))
+        plan.append((arch.gguf_name(t.name), t.kind, t.dims, qtype))
     return plan
 
 
@@ -154,6 +127,24 @@ def decode_i2s(data: np.ndarray, n: int) -> tuple[np.ndarray, float]:
 
 
 # --------------------------------------------------------------------------- writing
+def gguf_architecture(shape: syn.Shape) -> str:
+    """The llama.cpp architecture a shape's GGUF is written as."""
+    # llama.cpp's `bitnet` graph has the sub-norms; shapes without them are its plain `llama` graph
+    return "bitnet" if shape.sub_norms else "llama"
+
+
+def ik_architecture(shape: syn.Shape) -> str:
+    """The architecture of ik_llama.cpp's files: 2B-4T's `bitnet-b1.58` (sub-norms, relu2) where the
+    shape has that layout, else gguf_architecture."""
+    return "bitnet-b1.58" if shape.sub_norms and shape.hidden_act == "relu2" else gguf_architecture(shape)
+
+
+def _architecture(shape: syn.Shape, architecture: str | None) -> str:
+    if architecture is None:
+        return gguf_architecture(shape)
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown GGUF architecture {architecture!r} (known: {', '.join(ARCHITECTURES)})")
+    return architecture
 
 
 def _tokenizer(vocab_size: int) -> tuple[list[str], list[float], list[int]]:
@@ -170,8 +161,9 @@ def _tokenizer(vocab_size: int) -> tuple[list[str], list[float], list[int]]:
 
 
 def write_gguf(shape: syn.Shape | str, path: str | os.PathLike, linear_type: str = "TQ2_0", head: str = "q8_0",
-               seed: int = 0, progress: Callable[[int, int, str], None] | None = None, arch: str = "bitnet") -> Path:
-    """Write `shape` as a GGUF of architecture `arch` to `path`, tensor by tensor (each is encoded
+               seed: int = 0, progress: Callable[[int, int, str], None] | None = None,
+               architecture: str | None = None) -> Path:
+    """Write `shape` as a GGUF of `architecture` (default gguf_architecture(shape)) to `path`, tensor by tensor (each is encoded
     right before it is written, so memory holds one tensor at a time). The linears are the ternary
     weights and scales of the synthetic .bnr of the same seed (synthetic._random_ternary, drawn in
     the same order), the embedding the same normal draws as its bf16 / Q8_R one."""
@@ -180,13 +172,12 @@ def write_gguf(shape: syn.Shape | str, path: str | os.PathLike, linear_type: str
 
     if linear_type not in WRITTEN_TYPES:
         raise ValueError(f"write_gguf writes {', '.join(WRITTEN_TYPES)}, not {linear_type!r}")
-    if arch not in ARCHS:
-        raise ValueError(f"unknown GGUF architecture {arch!r} (known: {', '.join(ARCHS)})")
     s = syn.get_shape(shape) if isinstance(shape, str) else shape
+    architecture = _architecture(s, architecture)
     plan = gguf_plan(s, linear_type, head)
     Q = gguf.GGMLQuantizationType
     rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(path, arch)
+    w = gguf.GGUFWriter(path, architecture)
     w.add_name(f"synthetic-{s.name}")
     w.add_context_length(s.context_length)
     w.add_embedding_length(s.hidden_size)
@@ -195,8 +186,11 @@ def write_gguf(shape: syn.Shape | str, path: str | os.PathLike, linear_type: str
     w.add_head_count(s.n_heads)
     w.add_head_count_kv(s.n_kv_heads)
     w.add_rope_dimension_count(s.head_dim)
+    if s.head_dim * s.n_heads != s.hidden_size:
+        w.add_key_length(s.head_dim)
+        w.add_value_length(s.head_dim)
     w.add_rope_freq_base(s.rope_theta)
-    w.add_layer_norm_rms_eps(1e-5)
+    w.add_layer_norm_rms_eps(s.rms_norm_eps)
     w.add_vocab_size(s.vocab_size)
     tokens, scores, types = _tokenizer(s.vocab_size)
     w.add_tokenizer_model("llama")
@@ -343,61 +337,65 @@ def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
 # --------------------------------------------------------------------------- the cache
 
 
-def _gguf_cached_ok(path: Path, shape: syn.Shape, linear_type: str, head: str, seed: int, arch: str) -> bool:
+def _gguf_cached_ok(path: Path, shape: syn.Shape, linear_type: str, head: str, seed: int, architecture: str) -> bool:
     try:
         fields = read_gguf_header(path).fields
     except (OSError, ValueError, struct.error):  # missing, truncated or not a GGUF: rewrite it
         return False
-    want = {"general.architecture": arch, "bitnet_run.synthetic_format": GGUF_FORMAT,
+    want = {"general.architecture": architecture, "bitnet_run.synthetic_format": GGUF_FORMAT,
             "bitnet_run.synthetic_shape": shape.name, "bitnet_run.synthetic_seed": seed,
             "bitnet_run.linear_type": linear_type, "bitnet_run.head": head}
     return all(fields.get(k) == v for k, v in want.items())
 
 
-def gguf_file_name(shape: syn.Shape | str, linear_type: str = "TQ2_0", head: str = "q8_0", arch: str = "bitnet") -> str:
-    """The cache file name: <shape>-<linear>-<head>[-<arch>].gguf (the arch only when not `bitnet`)."""
-    name = shape if isinstance(shape, str) else shape.name
-    return f"{name}-{linear_type.lower()}-{head}{'' if arch == 'bitnet' else '-' + arch}.gguf"
+def gguf_file_name(shape: syn.Shape | str, linear_type: str = "TQ2_0", head: str = "q8_0",
+                   architecture: str | None = None) -> str:
+    """The cache file name: <shape>-<linear>-<head>[-<architecture>].gguf (the architecture only when
+    not the shape's gguf_architecture)."""
+    s = syn.get_shape(shape) if isinstance(shape, str) else shape
+    architecture = _architecture(s, architecture)
+    suffix = "" if architecture == gguf_architecture(s) else f"-{architecture}"
+    return f"{s.name}-{linear_type.lower()}-{head}{suffix}.gguf"
 
 
 def cached_gguf(shape: syn.Shape | str, linear_type: str = "TQ2_0", head: str = "q8_0",
-                cache_dir: str | os.PathLike | None = None, seed: int = 0, arch: str = "bitnet") -> Path | None:
+                cache_dir: str | os.PathLike | None = None, seed: int = 0, architecture: str | None = None) -> Path | None:
     """The cached GGUF of `shape` when it is there and current, else None."""
     s = syn.get_shape(shape) if isinstance(shape, str) else shape
     directory = Path(cache_dir) if cache_dir is not None else syn.default_cache_dir()
-    path = directory / gguf_file_name(s, linear_type, head, arch)
-    return path if path.is_file() and _gguf_cached_ok(path, s, linear_type, head, seed, arch) else None
+    path = directory / gguf_file_name(s, linear_type, head, architecture)
+    return path if path.is_file() and _gguf_cached_ok(path, s, linear_type, head, seed,
+                                                      _architecture(s, architecture)) else None
 
 
 def ensure_gguf(shape: syn.Shape | str, linear_type: str = "TQ2_0", head: str = "q8_0",
                 cache_dir: str | os.PathLike | None = None, seed: int = 0,
-                progress: Callable[[int, int, str], None] | None = None, arch: str = "bitnet") -> Path:
+                progress: Callable[[int, int, str], None] | None = None, architecture: str | None = None) -> Path:
     """The cached GGUF <cache_dir>/<gguf_file_name>, written once (atomically) if absent or stale."""
     s = syn.get_shape(shape) if isinstance(shape, str) else shape
-    cached = cached_gguf(s, linear_type, head, cache_dir, seed, arch)
+    cached = cached_gguf(s, linear_type, head, cache_dir, seed, architecture)
     if cached is not None:
         return cached
     directory = Path(cache_dir) if cache_dir is not None else syn.default_cache_dir()
-    return syn.write_atomically(directory / gguf_file_name(s, linear_type, head, arch),
-                                lambda tmp: write_gguf(s, tmp, linear_type, head, seed=seed, progress=progress, arch=arch))
-
-
-IK_ARCH = "bitnet-b1.58"  # ik_llama.cpp's graph of 2B-4T (relu2 FFN)
+    return syn.write_atomically(directory / gguf_file_name(s, linear_type, head, architecture),
+                                lambda tmp: write_gguf(s, tmp, linear_type, head, seed=seed, progress=progress,
+                                                       architecture=architecture))
 
 
 def ensure_ik_gguf(shape: syn.Shape | str, ik_type: str, head: str, quantize: str | os.PathLike,
                    cache_dir: str | os.PathLike | None = None, seed: int = 0,
                    progress: Callable[[int, int, str], None] | None = None) -> Path:
     """The cached ik_llama.cpp GGUF <shape>-<iq2_bn|iq2_bn_r4>-<head>.gguf: ik_llama.cpp's own
-    llama-quantize (`quantize`) run once on the I2_S file of architecture bitnet-b1.58 (written first
-    if needed), the head kept in its type, the linear type recorded in bitnet_run.linear_type."""
+    llama-quantize (`quantize`) run once on the I2_S file of architecture ik_architecture(shape)
+    (written first if needed), the head kept in its type, the linear type recorded in bitnet_run.linear_type."""
     if ik_type not in IK_TYPES:
         raise ValueError(f"unknown ik_llama.cpp type {ik_type!r} (known: {', '.join(IK_TYPES)})")
     s = syn.get_shape(shape) if isinstance(shape, str) else shape
-    cached = cached_gguf(s, ik_type, head, cache_dir, seed, IK_ARCH)
+    architecture = ik_architecture(s)
+    cached = cached_gguf(s, ik_type, head, cache_dir, seed, architecture)
     if cached is not None:
         return cached
-    source = ensure_gguf(s, I2S, head, cache_dir, seed, progress, arch=IK_ARCH)
+    source = ensure_gguf(s, I2S, head, cache_dir, seed, progress, architecture=architecture)
 
     def run_quantize(tmp: Path) -> None:
         command = [str(quantize), "--allow-requantize", "--token-embedding-type", head,
@@ -408,7 +406,7 @@ def ensure_ik_gguf(shape: syn.Shape | str, ik_type: str, head: str, quantize: st
             raise RuntimeError(f"{quantize} {ik_type} failed (exit status {proc.returncode}): {last}")
 
     directory = Path(cache_dir) if cache_dir is not None else syn.default_cache_dir()
-    return syn.write_atomically(directory / gguf_file_name(s, ik_type, head, IK_ARCH), run_quantize)
+    return syn.write_atomically(directory / gguf_file_name(s, ik_type, head, architecture), run_quantize)
 
 
 # --------------------------------------------------------------------------- llama.cpp runner
@@ -469,11 +467,12 @@ def time_llamacpp(path: str | os.PathLike, n_prompt: int, n_gen: int, n_threads:
     return out
 
 
-def gguf_facts(shape: syn.Shape | str, linear_type: str, head: str, arch: str = "bitnet") -> dict:
+def gguf_facts(shape: syn.Shape | str, linear_type: str, head: str, architecture: str | None = None) -> dict:
     """Sizes of the GGUF of `shape` from the plan: params, bits per weight of the ternary linears,
     weight bytes one generated token reads (as bench.model_facts counts them), the linears' type
     (`weights`) and a model_type."""
     s = syn.get_shape(shape) if isinstance(shape, str) else shape
+    architecture = _architecture(s, architecture)
     n_params = linear_bytes = linear_params = per_token = 0
     for _name, kind, dims, qtype in gguf_plan(s, linear_type, head):
         numel = math.prod(dims)
@@ -486,11 +485,11 @@ def gguf_facts(shape: syn.Shape | str, linear_type: str, head: str, arch: str = 
             per_token += nb // dims[0]  # only the token's row
         else:
             per_token += nb
-    graph = "SiLU FFN" if arch == "bitnet" else "relu2 FFN"
+    graph = "relu2 FFN" if architecture == "bitnet-b1.58" else "SiLU FFN"
     return {
         "n_params": n_params, "linear_bpw": linear_bytes * 8 / linear_params, "bytes_per_token": per_token,
         "weights": linear_type,
-        "model_type": f"{arch} {s.hidden_size}x{s.n_layers}L {'tied' if s.tied_embeddings else 'untied'} "
+        "model_type": f"{architecture} {s.hidden_size}x{s.n_layers}L {'tied' if s.tied_embeddings else 'untied'} "
                       f"{linear_type} {head.upper()} head ({graph})",
     }
 

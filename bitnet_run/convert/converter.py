@@ -8,9 +8,10 @@ from pathlib import Path
 from bitnet_run import __version__
 from bitnet_run import fileformat as ff
 
-from . import bitnet
+from . import arch
 from .checkpoint import Checkpoint
 from .hub import resolve_source
+from .tensors import add_tensors
 from .tokenizer import add_tokenizer_metadata
 
 MODEL_SUFFIX = ".bnr"
@@ -48,16 +49,16 @@ def convert_checkpoint(
     directory, source = resolve_source(src)
     name = source.rstrip("/").split("/")[-1]
     checkpoint = Checkpoint(directory)
-    hp = bitnet.read_hyperparameters(checkpoint.config)
+    family, hp, linears = arch.read_config(checkpoint.config)
 
     writer = ff.Writer()
-    writer.add_string("general.architecture", bitnet.ARCHITECTURE)
+    writer.add_string("general.architecture", arch.ARCHITECTURE)
     writer.add_string("general.name", name)
     writer.add_string("general.source", source)
     writer.add_string("general.converter", f"bitnet-run {__version__}")
-    bitnet.add_model_metadata(writer, hp)
+    arch.add_hyperparameters(writer, hp)
     add_tokenizer_metadata(writer, checkpoint, hp.vocab_size)
-    bitnet.add_tensors(writer, checkpoint, hp, weights, head)
+    add_tensors(writer, checkpoint, family, hp, linears, weights, head)
 
     out = Path(out)
     if out.is_dir():

@@ -34,18 +34,18 @@ static void build_rope_tables(bn_context *ctx) {
 static int build_buffers(bn_context *ctx) {
     const bn_hparams *hp = &ctx->model->hp;
     const uint64_t H = hp->hidden_size, I = hp->intermediate_size, B = ctx->n_batch;
-    const uint64_t KV = (uint64_t)hp->n_kv_heads * hp->head_dim;
+    const uint64_t KV = (uint64_t)hp->n_kv_heads * hp->head_dim, Q = (uint64_t)hp->n_heads * hp->head_dim;
     const uint64_t cache = (uint64_t)hp->n_layers * ctx->n_ctx * KV; /* < 2^58 by the hparam bounds */
     const uint64_t rope = (uint64_t)ctx->n_ctx * (hp->head_dim / 2);
-    const uint64_t in_max = H > I ? H : I;
-    const uint64_t acc_cols = H + 2 * KV > 2 * I ? H + 2 * KV : 2 * I;
+    const uint64_t HQ = H > Q ? H : Q, in_max = HQ > I ? HQ : I;
+    const uint64_t fused = Q + 2 * KV > 2 * I ? Q + 2 * KV : 2 * I, acc_cols = fused > H ? fused : H;
     ctx->key_cache = alloc_array(cache, sizeof(float));
     ctx->value_cache = alloc_array(cache, sizeof(float));
     ctx->rope_cos = alloc_array(rope, sizeof(float));
     ctx->rope_sin = alloc_array(rope, sizeof(float));
     ctx->x = alloc_array(B * H, sizeof(float));
-    ctx->xb = alloc_array(B * H, sizeof(float));
-    ctx->q = alloc_array(B * H, sizeof(float));
+    ctx->xb = alloc_array(B * HQ, sizeof(float));
+    ctx->q = alloc_array(B * Q, sizeof(float));
     ctx->gate = alloc_array(B * I, sizeof(float));
     ctx->up = alloc_array(B * I, sizeof(float));
     ctx->xq = alloc_array(B * in_max, sizeof(int8_t));

@@ -1,4 +1,5 @@
-/* bn_eval: the BitNet b1.58 forward pass over a batch of tokens. A prompt and a single decoded
+/* bn_eval: the BitNet b1.58 forward pass over a batch of tokens, for every family the hyperparameters
+ * describe (activation, sub-norms, per-BitLinear input norms, weight-scale convention, head_dim). A prompt and a single decoded
  * token go through the same code; every op processes each token row of the batch. */
 #include <inttypes.h>
 
@@ -50,7 +51,7 @@ static void linear_worker(void *arg, uint32_t ith, uint32_t nth) {
             const int32_t *at = acc + (size_t)t * task->total_rows;
             float *yt = out->y + t * out->ldy;
             for (uint64_t r = r0; r < r1; r++) {
-                float v = bn_bitlinear_output(at[r], task->xs[t], w->scale);
+                float v = bn_bitlinear_output(at[r], task->xs[t], w->scale, w->scale_divides);
                 yt[r] = out->accumulate ? yt[r] + v : v;
             }
         }
@@ -58,8 +59,9 @@ static void linear_worker(void *arg, uint32_t ith, uint32_t nth) {
 }
 
 /* The input side of a BitLinear, per token row t < n (rows ld apart):
- *   [src_t = relu(src_t)^2 * up_t]  (the FFN's gate, when up is not NULL)
- *   dst_t = rmsnorm(src_t) * norm
+ *   [src_t = act(src_t) * up_t]              (the FFN's gate, when up is not NULL)
+ *   dst_t = rmsnorm(src_t) * norm            (when norm is not NULL; else dst is src)
+ *   [dst_t = rmsnorm(dst_t) * linear_norm]   (the BitLinear's own input norm, when not NULL)
  *   ctx->xq_t, ctx->xs[t] = the int8 quantization of dst_t. */
 typedef struct {
     bn_context *ctx;
@@ -70,24 +72,40 @@ typedef struct {
     size_t ld;
     uint32_t n;
     uint32_t cols;
+    const float *linear_norm; /* [cols] or NULL */
 } input_task;
 
 static void input_worker(void *arg, uint32_t ith, uint32_t nth) {
     const input_task *task = arg;
     bn_context *ctx = task->ctx;
-    const float eps = ctx->model->hp.rms_norm_eps;
+    const bn_hparams *hp = &ctx->model->hp;
     uint64_t t0, t1;
     bn_split(task->n, ith, nth, &t0, &t1);
     for (uint64_t t = t0; t < t1; t++) {
         float *src = task->src + t * task->ld, *dst = task->dst + t * task->ld;
-        if (task->up) bn_relu2_gate(src, task->up + t * task->ld, task->cols);
-        bn_rmsnorm(dst, src, task->norm, task->cols, eps);
+        if (task->up && hp->hidden_act == BN_ACT_SILU) bn_silu_gate(src, task->up + t * task->ld, task->cols);
+        else if (task->up) bn_relu2_gate(src, task->up + t * task->ld, task->cols);
+        if (task->norm) bn_rmsnorm(dst, src, task->norm, task->cols, hp->rms_norm_eps);
+        if (task->linear_norm) bn_rmsnorm(dst, dst, task->linear_norm, task->cols, hp->linear_norm_eps);
         ctx->xs[t] = ctx->kern->quantize_row(ctx->xq + t * task->cols, dst, task->cols);
     }
 }
 
-/* Prepares the input (above), split by tokens, then runs the BitLinears `outs` on it, split by rows. */
+/* Prepares the input (above), split by tokens, then runs the BitLinears `outs` on it, split by rows.
+ * BitLinears with their own input norms each quantize their own input, so they run one at a time
+ * (the input recomputed from src each time: src must not be dst then). */
 static void bitlinear(bn_context *ctx, const input_task *input, const linear_out *outs, uint32_t n_out) {
+    if (outs[0].w->input_norm) {
+        for (uint32_t o = 0; o < n_out; o++) {
+            input_task own = *input;
+            own.linear_norm = outs[o].w->input_norm;
+            if (own.n > 1) bn_pool_run(ctx->pool, input_worker, &own);
+            else input_worker(&own, 0, 1);
+            linear_task task = {ctx->kern, ctx->xq, ctx->xs, own.n, own.cols, ctx->acc, outs[o].w->rows, 1, {outs[o]}};
+            bn_pool_run(ctx->pool, linear_worker, &task);
+        }
+        return;
+    }
     if (input->n > 1) bn_pool_run(ctx->pool, input_worker, (void *)input);
     else input_worker((void *)input, 0, 1);
     linear_task task = {ctx->kern, ctx->xq, ctx->xs, input->n, input->cols, ctx->acc, 0, n_out, {{0}}};
@@ -111,7 +129,7 @@ static void attention_worker(void *arg, uint32_t ith, uint32_t nth) {
     const attention_task *task = arg;
     bn_context *ctx = task->ctx;
     const bn_hparams *hp = &ctx->model->hp;
-    const uint32_t H = hp->hidden_size, D = hp->head_dim, group = hp->n_heads / hp->n_kv_heads;
+    const uint32_t D = hp->head_dim, Q = hp->n_heads * D, group = hp->n_heads / hp->n_kv_heads;
     const uint64_t KV = (uint64_t)hp->n_kv_heads * D;
     const float *kc = ctx->key_cache + (uint64_t)task->layer * ctx->n_ctx * KV;
     const float *vc = ctx->value_cache + (uint64_t)task->layer * ctx->n_ctx * KV;
@@ -121,7 +139,7 @@ static void attention_worker(void *arg, uint32_t ith, uint32_t nth) {
         const uint64_t kv_off = (h / group) * D;
         float *att = ctx->att + h * ctx->n_ctx;
         for (uint32_t t = 0; t < task->n_tok; t++) {
-            const uint64_t row = (uint64_t)t * H + h * D;
+            const uint64_t row = (uint64_t)t * Q + h * D;
             ctx->kern->attention_head(ctx->xb + row, ctx->q + row, kc + kv_off, vc + kv_off, KV, task->pos + t + 1, D,
                               ctx->attn_scale, att);
         }
@@ -152,40 +170,42 @@ static void head_worker(void *arg, uint32_t ith, uint32_t nth) {
                                  w->cols, (uint32_t)r0, (uint32_t)r1);
 }
 
-/* h = x + o_proj(attn_sub_norm(attention(input_layernorm(x)))), keys/values of the batch cached. */
+/* h = x + o_proj([attn_sub_norm](attention(input_layernorm(x)))), keys/values of the batch cached
+ * (each BitLinear first RMSNorms its input with its own weight when the model has such norms). */
 static void attention_block(bn_context *ctx, uint32_t il, uint32_t n, uint32_t pos) {
     const bn_hparams *hp = &ctx->model->hp;
     const bn_layer_weights *L = &ctx->model->w.layers[il];
-    const uint32_t H = hp->hidden_size, D = hp->head_dim, half = D / 2;
+    const uint32_t H = hp->hidden_size, D = hp->head_dim, Q = hp->n_heads * D, half = D / 2;
     const uint64_t KV = (uint64_t)hp->n_kv_heads * D;
     float *k = ctx->key_cache + ((uint64_t)il * ctx->n_ctx + pos) * KV;   /* [n][KV] rows pos.. */
     float *v = ctx->value_cache + ((uint64_t)il * ctx->n_ctx + pos) * KV; /* [n][KV] */
 
-    const input_task qkv_in = {ctx, ctx->x, NULL, L->attn_norm, ctx->xb, H, n, H};
-    const linear_out qkv[3] = {{&L->q, ctx->q, H, 0}, {&L->k, k, KV, 0}, {&L->v, v, KV, 0}};
+    const input_task qkv_in = {ctx, ctx->x, NULL, L->attn_norm, ctx->xb, H, n, H, NULL};
+    const linear_out qkv[3] = {{&L->q, ctx->q, Q, 0}, {&L->k, k, KV, 0}, {&L->v, v, KV, 0}};
     bitlinear(ctx, &qkv_in, qkv, 3);
     for (uint32_t t = 0; t < n; t++) {
         const float *c = ctx->rope_cos + (uint64_t)(pos + t) * half, *s = ctx->rope_sin + (uint64_t)(pos + t) * half;
-        bn_rope(ctx->q + t * H, hp->n_heads, D, c, s);
+        bn_rope(ctx->q + t * Q, hp->n_heads, D, c, s);
         bn_rope(k + t * KV, hp->n_kv_heads, D, c, s);
     }
     attention_task task = {ctx, il, n, pos};
     bn_pool_run(ctx->pool, attention_worker, &task);
-    const input_task o_in = {ctx, ctx->xb, NULL, L->attn_sub_norm, ctx->xb, H, n, H};
+    const input_task o_in = {ctx, ctx->xb, NULL, L->attn_sub_norm, ctx->xb, Q, n, Q, NULL};
     const linear_out o = {&L->o, ctx->x, H, 1};
     bitlinear(ctx, &o_in, &o, 1);
 }
 
-/* x = h + down_proj(ffn_sub_norm(relu(gate_proj(n))^2 * up_proj(n))), n = post_attention_layernorm(h). */
+/* x = h + down_proj([ffn_sub_norm](act(gate_proj(n)) * up_proj(n))), n = post_attention_layernorm(h),
+ * act = relu^2 or SiLU. */
 static void ffn_block(bn_context *ctx, uint32_t il, uint32_t n) {
     const bn_hparams *hp = &ctx->model->hp;
     const bn_layer_weights *L = &ctx->model->w.layers[il];
     const uint32_t H = hp->hidden_size, I = hp->intermediate_size;
 
-    const input_task gate_up_in = {ctx, ctx->x, NULL, L->ffn_norm, ctx->xb, H, n, H};
+    const input_task gate_up_in = {ctx, ctx->x, NULL, L->ffn_norm, ctx->xb, H, n, H, NULL};
     const linear_out gate_up[2] = {{&L->gate, ctx->gate, I, 0}, {&L->up, ctx->up, I, 0}};
     bitlinear(ctx, &gate_up_in, gate_up, 2);
-    const input_task down_in = {ctx, ctx->gate, ctx->up, L->ffn_sub_norm, ctx->gate, I, n, I};
+    const input_task down_in = {ctx, ctx->gate, ctx->up, L->ffn_sub_norm, ctx->gate, I, n, I, NULL};
     const linear_out down = {&L->down, ctx->x, H, 1};
     bitlinear(ctx, &down_in, &down, 1);
 }

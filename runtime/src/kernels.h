@@ -30,21 +30,10 @@ static inline size_t bn_tl2_tile_bytes(uint32_t cols) {
     const uint32_t groups = (cols / 3 + 1) / 2;
     return (size_t)BN_TL2_GROUP_BYTES * groups + (cols % 3 ? BN_TL_TILE : 0);
 }
-/* Bytes of a [rows][cols] ternary matrix in encoding I2, TL1 or TL2 (0 for any other encoding). */
-static inline uint64_t bn_ternary_nbytes(uint32_t encoding, uint32_t rows, uint32_t cols) {
-    const uint64_t tiles = ((uint64_t)rows + BN_TL_TILE - 1) / BN_TL_TILE;
-    switch (encoding) {
-    case BN_ENC_I2: return (uint64_t)rows * ((cols + 3) / 4);
-    case BN_ENC_TL1: return tiles * bn_tl1_tile_bytes(cols);
-    case BN_ENC_TL2: return tiles * bn_tl2_tile_bytes(cols);
-    default: return 0;
-    }
-}
-
 /* ---- the Q8_R layout (docs/format.md) ----
  * A [rows][cols] matrix as rows f32 row scales (4 * rows bytes, at the tensor's aligned start), then
- * rows x cols int8 (row-major, no padding); element (r, j) stands for q[r][j] * scale[r]. */
-static inline uint64_t bn_q8r_nbytes(uint32_t rows, uint32_t cols) { return 4 * (uint64_t)rows + (uint64_t)rows * cols; }
+ * rows x cols int8 (row-major, no padding); element (r, j) stands for q[r][j] * scale[r]. Sizes of every
+ * layout: bn_encodings (model_file.h). */
 static inline const float *bn_q8r_scales(const void *data) { return (const float *)data; }
 static inline const int8_t *bn_q8r_rows(const void *data, uint32_t rows) {
     return (const int8_t *)data + 4 * (size_t)rows;

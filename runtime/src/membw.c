@@ -8,7 +8,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "bitnet.h"
+#include "bitnet_dev.h"
 #include "threadpool.h"
 
 #define MEMBW_ALIGN 4096
