@@ -264,11 +264,21 @@ def test_peer_gguf_facts_and_shape_checks():
 
 # --------------------------------------------------------------------------- a peer's own llama-bench
 
-# One line of `llama-bench -o jsonl` (bitnet.cpp's, at 1 thread on 2b-4t I2_S), recorded on the
-# development machine; the fake binaries below print it with the test's n_prompt / n_gen.
-RECORDED_JSONL = ('{"build_commit": "unknown", "build_number": 0, "model_type": "bitnet ?B I2_S - 2 bpw ternary", '
-                  '"n_threads": 1, "n_prompt": 128, "n_gen": 0, "avg_ns": 4000000000, "stddev_ns": 0, "avg_ts": 32.0, '
-                  '"stddev_ts": 0.0}')  # PLACEHOLDER
+# One line of `llama-bench -o jsonl`, recorded from bitnet.cpp's (built from a source tree, so
+# build_commit "unknown") on the tiny-tq I2_S GGUF, pp8 at 1 thread, on the development machine; the
+# fake binaries below print it with the n_prompt, n_gen and n_threads they are asked for.
+RECORDED_JSONL = (
+    '{"build_commit": "unknown", "build_number": 0, "cuda": false, "vulkan": false, "kompute": false,'
+    ' "metal": false, "sycl": false, "rpc": "0", "gpu_blas": false, "blas": false, "cpu_info": "AMD E'
+    'PYC", "gpu_info": "", "model_filename": "/work/peers-cache/tiny-tq-i2_s-f16.gguf", "model_type":'
+    ' "bitnet ?B I2_S - 2 bpw ternary (guessed)", "model_size": 931264, "model_n_params": 1838336, "n'
+    '_batch": 2048, "n_ubatch": 512, "n_threads": 1, "cpu_mask": "0x0", "cpu_strict": false, "poll": '
+    '50, "type_k": "f16", "type_v": "f16", "n_gpu_layers": 99, "split_mode": "layer", "main_gpu": 0, '
+    '"no_kv_offload": false, "flash_attn": false, "tensor_split": "0.00", "use_mmap": true, "embeddin'
+    'gs": false, "n_prompt": 8, "n_gen": 0, "test_time": "2026-12-01T23:37:06Z", "avg_ns": 2670435, "'
+    'stddev_ns": 0, "avg_ts": 2995.766607, "stddev_ts": 0.000000, "samples_ns": [ 2670435 ],"samples_'
+    'ts": [ 2995.77 ]}'
+)
 
 
 def _fake_llama_bench(tmp_path, line: str, exit_status: int = 0, name: str = "llama-bench"):
