@@ -428,7 +428,7 @@ def _cached_or_written(cached: Optional[Path], what: str, bar: str,
     try:
         with _reporting(bar) as report:
             return write(report)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:
         _fail(f"cannot write {what}: {exc}")
 
 
@@ -444,21 +444,39 @@ def _synthetic_model(shape: str, head: str, weights: str, cache_dir: Optional[Pa
     )
 
 
-def _peer_models(shape: str, head: str, cache_dir: Optional[Path]) -> list:
-    """(runtime name, GGUF path, facts) of llama.cpp on `shape` in each TQ type, each GGUF written
-    once if absent or stale, with the head matching ours (bf16 -> F16, q8 -> Q8_0)."""
+def _peer_models(shape: str, head: str, cache_dir: Optional[Path], peer_list: list, peer_bins: dict) -> list:
+    """(runtime name, GGUF path, facts) of every peer on `shape`, each GGUF written once if absent or
+    stale, with the head matching ours (bf16 -> F16, q8 -> Q8_0): llama.cpp TQ2_0 and TQ1_0,
+    bitnet.cpp I2_S, ik_llama.cpp IQ2_BN and IQ2_BN_R4 (made by its own llama-quantize). A peer
+    with a --peer-bin is timed by that llama-bench (facts["llama_bench"])."""
     from .bench import peers as pr
+    from .bench import synthetic as syn
 
     gguf_head = "f16" if head == "bf16" else "q8_0"
     out = []
-    for linear_type in pr.LINEAR_TYPES:
-        path = _cached_or_written(
-            pr.cached_gguf(shape, linear_type, gguf_head, cache_dir),
-            f"the llama.cpp GGUF {pr.gguf_file_name(shape, linear_type, gguf_head)}",
-            f"GGUF {shape} {linear_type}",
-            lambda report, lt=linear_type: pr.ensure_gguf(shape, lt, gguf_head, cache_dir, progress=report),
-        )
-        out.append((f"llama.cpp {linear_type}", path, pr.gguf_facts(shape, linear_type, gguf_head)))
+
+    def add(runtime: str, peer: str, linear_type: str, architecture: Optional[str], cached, write) -> None:
+        name = pr.gguf_file_name(shape, linear_type, gguf_head, architecture)
+        path = _cached_or_written(cached, f"the {runtime} GGUF {name}", f"GGUF {shape} {linear_type}", write)
+        facts = pr.gguf_facts(shape, linear_type, gguf_head, architecture)
+        if peer in peer_bins:
+            facts["llama_bench"] = peer_bins[peer]
+        out.append((f"{runtime} {linear_type}", path, facts))
+
+    for peer in peer_list:
+        if peer == "llamacpp":
+            for lt in pr.LINEAR_TYPES:
+                add("llama.cpp", peer, lt, None, pr.cached_gguf(shape, lt, gguf_head, cache_dir),
+                    lambda report, lt=lt: pr.ensure_gguf(shape, lt, gguf_head, cache_dir, progress=report))
+        elif peer == "bitnetcpp":
+            add("bitnet.cpp", peer, pr.I2S, None, pr.cached_gguf(shape, pr.I2S, gguf_head, cache_dir),
+                lambda report: pr.ensure_gguf(shape, pr.I2S, gguf_head, cache_dir, progress=report))
+        elif peer == "ikllama":
+            quantize = peer_bins[peer].parent / "llama-quantize"
+            ik_arch = pr.ik_architecture(syn.get_shape(shape))
+            for lt in pr.IK_TYPES:
+                add("ik_llama.cpp", peer, lt, ik_arch, pr.cached_gguf(shape, lt, gguf_head, cache_dir, architecture=ik_arch),
+                    lambda report, lt=lt: pr.ensure_ik_gguf(shape, lt, gguf_head, quantize, cache_dir, progress=report))
     return out
 
 
@@ -478,7 +496,12 @@ def bench(
                                           "(default: one per physical core)."),
     output: str = typer.Option("md", "-o", "--output", help="md, json or csv."),
     peers: str = typer.Option("none", "--peers", help="Peer runtimes to run on the same synthetic shape, interleaved "
-                              "A/B: none or llamacpp (llama.cpp TQ2_0 and TQ1_0 through llama-cpp-python)."),
+                              "A/B, comma list: none, llamacpp (llama.cpp TQ2_0 and TQ1_0 through llama-cpp-python), "
+                              "bitnetcpp (bitnet.cpp I2_S), ikllama (ik_llama.cpp IQ2_BN, IQ2_BN_R4)."),
+    peer_bin: Optional[List[str]] = typer.Option(
+        None, "--peer-bin", help="NAME=PATH: a peer's own llama-bench binary (repeatable); needed by bitnetcpp and "
+        "ikllama (ikllama also uses the llama-quantize next to it); llamacpp=PATH runs llama.cpp's instead of "
+        "llama-cpp-python."),
     head: str = typer.Option("bf16", "--head", help="Output head of the synthetic models: bf16 (peers: F16) or q8 "
                              "(peers: Q8_0)."),
     weights: Optional[str] = typer.Option(
@@ -508,7 +531,8 @@ def bench(
     try:
         if output not in bn.OUTPUT_FORMATS:
             raise bn.BenchError(f"-o: unknown output format {output!r} (expected md, json or csv)")
-        peer_list = bn.check_peers(peers)
+        peer_bins = bn.parse_peer_bins(peer_bin or [])
+        peer_list = bn.check_peers(peers, peer_bins)
         if head not in syn.HEADS:
             raise bn.BenchError(f"--head must be one of {', '.join(syn.HEADS)}, not {head!r}")
         if peer_list and (model or not synthetic):
@@ -523,10 +547,11 @@ def bench(
         shapes = list(dict.fromkeys(s.strip() for s in synthetic.split(","))) if synthetic is not None else []
         for shape in shapes:
             syn.get_shape(shape)
-            if peer_list:
-                from .bench.peers import check_shape
+            from .bench import peers as pr
 
-                check_shape(shape)
+            for peer in peer_list:
+                pr.check_shape(shape, {"llamacpp": pr.LINEAR_TYPES, "bitnetcpp": (pr.I2S,), "ikllama": pr.IK_TYPES}[peer],
+                               f"--peers {peer}")
         names = [m.strip() for item in (model or []) for m in item.split(",") if m.strip()]
         # a file is labelled by its stem, a stored model by its name
         labelled = [(Path(m).stem if Path(m).is_file() else m, _model_path(m)) for m in names]
@@ -547,7 +572,7 @@ def bench(
         for encoding in weight_list:
             spec.models.append((label, _synthetic_model(shape, head, encoding, cache_dir)))
         if peer_list:
-            spec.peers[label] = _peer_models(shape, head, cache_dir)
+            spec.peers[label] = _peer_models(shape, head, cache_dir, peer_list, peer_bins)
 
     def log(message: str) -> None:
         err_console.print(f"[dim]bench: {message}[/]", highlight=False)

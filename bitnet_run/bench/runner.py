@@ -334,7 +334,9 @@ class BenchSpec:
     seed: int = 0
     e2e: bool = False  # e2eN rows next to each tgN
     parallel: list[int] = field(default_factory=list)  # tgN xS rows for each S
-    # model label -> peers run on the same shape: (runtime name, GGUF path, peers.gguf_facts dict)
+    # model label -> peers run on the same shape: (runtime name, GGUF path, peers.gguf_facts dict);
+    # a "llama_bench" entry in the facts (a path) times that peer with its own llama-bench binary
+    # (peers.LlamaBenchRunner), else it runs in process through llama-cpp-python
     peers: dict = field(default_factory=dict)
 
 
@@ -360,9 +362,11 @@ def validate(spec: BenchSpec, models: bool = True) -> None:
 @dataclass
 class _Contender:
     """One runtime on one file in a group: the row fields that do not depend on the test, and the
-    runner that times it (_ModelRunner or peers.LlamaCppRunner), opened for one thread count."""
+    runner that times it (_ModelRunner, peers.LlamaCppRunner or, given a llama-bench binary,
+    peers.LlamaBenchRunner), opened for one thread count."""
 
     fields: dict
+    llama_bench: Path | None = None
     runner: object = None
 
 
@@ -376,8 +380,10 @@ def _our_fields(facts: ModelFacts, kernels: str | None, cpu: str) -> dict:
 
 
 def _peer_fields(label: str, name: str, gguf_path: Path, pfacts: dict, cpu: str) -> dict:
+    # a llama-bench peer's version (its build) is known once it has run: run() fills it in
+    version = None if pfacts.get("llama_bench") is not None else _llamacpp_version()
     return {
-        "runtime": name, "runtime_version": _llamacpp_version(), "kernels": None, "cpu": cpu,
+        "runtime": name, "runtime_version": version, "kernels": None, "cpu": cpu,
         "model": label, "model_path": str(gguf_path), "model_type": pfacts["model_type"],
         "model_size": gguf_path.stat().st_size, "model_n_params": pfacts["n_params"],
         "linear_bpw": pfacts["linear_bpw"], "bytes_per_token": pfacts["bytes_per_token"],
@@ -392,7 +398,9 @@ def _groups(spec: BenchSpec, all_facts: dict, kernels: str | None, cpu: str) -> 
         groups.setdefault(label, []).append(_Contender(_our_fields(all_facts[label, path], kernels, cpu)))
     for label, group in groups.items():
         for name, gguf_path, pfacts in spec.peers.get(label) or []:
-            group.append(_Contender(_peer_fields(label, name, gguf_path, pfacts, cpu)))
+            binary = pfacts.get("llama_bench")
+            group.append(_Contender(_peer_fields(label, name, gguf_path, pfacts, cpu),
+                                    Path(binary) if binary is not None else None))
     return list(groups.values())
 
 
@@ -403,6 +411,10 @@ def _open(group: list[_Contender], n_threads: int, n_ctx: int, n_batch: int, n_s
         for c in group:
             if c.fields["runtime"] == OURS:
                 c.runner = _ModelRunner(Path(c.fields["model_path"]), n_threads, n_ctx, n_seq)
+            elif c.llama_bench is not None:
+                from .peers import LlamaBenchRunner
+
+                c.runner = LlamaBenchRunner(c.llama_bench, c.fields["model_path"], n_threads)
             else:
                 from .peers import LlamaCppRunner
 
@@ -541,6 +553,9 @@ def run(spec: BenchSpec, log: Callable[[str], None] | None = None) -> list[dict]
                     rss.reset()
                     samples = _measure([_timer(c.runner, k, s) for c, k, s in timed], kind, tokens, spec, log,
                                        f"{label}: {kind}{n}, {t} thread(s)", [s for _, _, s in timed])
+                    for c in group:
+                        if c.llama_bench is not None:
+                            c.fields["runtime_version"] = c.runner.version
                     peak, now = rss.read_mib(), _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
                     test_rows = [_row(c.fields, x, k, n, t, bandwidth[t], spec.repetitions, peak, now, s)
                                  for (c, k, s), x in zip(timed, samples)]
@@ -613,9 +628,11 @@ def _md_notes(rows: Sequence[dict], with_peers: bool, ratios: list[tuple[str, st
         versions = sorted({r["runtime_version"] or "?" for r in rows if r["runtime"] != OURS})
         ratio_text = ("ours/peer = bitnet-run t/s / that row's t/s" if ratios == [("ours/peer", "ratio_vs")]
                       else "X/peer = bitnet-run t/s with X weights / that row's t/s")
+        own_bench = any((r["runtime_version"] or "").startswith("llama-bench ") for r in rows if r["runtime"] != OURS)
         notes.append(
             f"Peers ({', '.join(versions)}) ran interleaved with bitnet-run, run by run, on the same random "
-            f"token ids; {ratio_text}. peak RSS is the whole process."
+            f"token ids{' (a peer run by its own llama-bench: one process per run, the same token counts, its own random ids)' if own_bench else ''}; "
+            f"{ratio_text}. peak RSS is the whole process{'' if not own_bench else ' (llama-bench peers: ours only)'}."
         )
     return notes
 
@@ -675,25 +692,54 @@ def format_rows(rows: Sequence[dict], output: str) -> str:
 
 # --------------------------------------------------------------------------- peers
 
-PEERS = ("none", "llamacpp")
+PEERS = ("none", "llamacpp", "bitnetcpp", "ikllama")
+# The peers that run only through their own llama-bench (they are not on PyPI: built from source).
+BINARY_PEERS = {"bitnetcpp": "bitnet.cpp", "ikllama": "ik_llama.cpp"}
 
 
-def check_peers(peers: str) -> list[str]:
-    """The peers to run ("none" -> []); "llamacpp" needs llama-cpp-python and gguf importable. A
+def parse_peer_bins(items: Sequence[str]) -> dict[str, Path]:
+    """--peer-bin NAME=PATH items (repeatable): a peer's own llama-bench binary by peer name. ikllama's
+    also needs the llama-quantize next to it (it makes the IQ2_BN files)."""
+    bins: dict[str, Path] = {}
+    for item in items:
+        name, sep, path_text = str(item).partition("=")
+        name = name.strip()
+        if not sep or not name or not path_text.strip():
+            raise BenchError(f"--peer-bin: expected NAME=PATH (e.g. bitnetcpp=/path/to/llama-bench), got {item!r}")
+        if name not in PEERS or name == "none":
+            raise BenchError(f"--peer-bin: unknown peer {name!r} (expected one of: {', '.join(PEERS[1:])})")
+        path = Path(path_text.strip()).expanduser()
+        if not path.is_file() or not os.access(path, os.X_OK):
+            raise BenchError(f"--peer-bin {name}: {path} is not an executable file")
+        if name == "ikllama" and not os.access(path.parent / "llama-quantize", os.X_OK):
+            raise BenchError(f"--peer-bin ikllama: no executable llama-quantize next to {path} "
+                             "(ik_llama.cpp's own llama-quantize makes its IQ2_BN files)")
+        if name in bins and bins[name] != path:
+            raise BenchError(f"--peer-bin: {name} given twice ({bins[name]} and {path})")
+        bins[name] = path
+    return bins
+
+
+def check_peers(peers: str, peer_bins: dict[str, Path] | None = None) -> list[str]:
+    """The peers to run ("none" -> []). A peer with a --peer-bin runs through that llama-bench;
+    bitnetcpp and ikllama need one; llamacpp without one needs llama-cpp-python; all need gguf. A
     missing or broken install is a one-line BenchError, never a report without the peer."""
+    peer_bins = peer_bins or {}
     out = []
-    for peer in [p.strip() for p in peers.split(",") if p.strip()] or ["none"]:
+    names = [p.strip() for p in peers.split(",") if p.strip()] or ["none"]
+    for name in peer_bins:
+        if name not in names:
+            raise BenchError(f"--peer-bin {name}: {name} is not in --peers {peers}")
+    for peer in names:
         if peer == "none":
             continue
-        if peer != "llamacpp":
+        if peer not in PEERS:
             raise BenchError(f"--peers: unknown peer {peer!r} (expected one of: {', '.join(PEERS)})")
-        try:
-            import llama_cpp  # noqa: F401
-        except ImportError:
-            raise BenchError("llama-cpp-python is not installed: pip install 'bitnet-run[peers]'") from None
-        except Exception as exc:  # installed, but its shared library does not load
-            detail = " ".join(str(exc).split())
-            raise BenchError(f"llama-cpp-python is installed but cannot be imported: {detail}") from None
+        if peer in BINARY_PEERS and peer not in peer_bins:
+            raise BenchError(f"--peers {peer} needs --peer-bin {peer}=PATH of {BINARY_PEERS[peer]}'s own llama-bench "
+                             f"({BINARY_PEERS[peer]} is not on PyPI: build it from source)")
+        if peer not in peer_bins:
+            _check_llama_cpp_python()
         try:
             import gguf  # noqa: F401
         except ImportError:
@@ -701,6 +747,16 @@ def check_peers(peers: str) -> list[str]:
         if peer not in out:
             out.append(peer)
     return out
+
+
+def _check_llama_cpp_python() -> None:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        raise BenchError("llama-cpp-python is not installed: pip install 'bitnet-run[peers]'") from None
+    except Exception as exc:  # installed, but its shared library does not load
+        detail = " ".join(str(exc).split())
+        raise BenchError(f"llama-cpp-python is installed but cannot be imported: {detail}") from None
 
 
 # --------------------------------------------------------------------------- kernel micro-benchmarks
