@@ -635,7 +635,7 @@ def bench_serve(
     n_prompt: int = typer.Option(32, "-p", "--n-prompt", help="Prompt tokens per request."),
     n_gen: int = typer.Option(64, "-n", "--n-gen", help="max_tokens per request (greedy)."),
     threads: Optional[int] = typer.Option(None, "-t", "--threads", help="Threads of the servers it starts "
-                                          "(default: one per CPU)."),
+                                          "(default: one per physical core)."),
     ctx_size: int = typer.Option(512, "-c", "--ctx-size", help="Context per slot of the servers it starts."),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Bearer token for --url servers."),
     output: str = typer.Option("md", "-o", "--output", help="md or json."),
@@ -677,7 +677,7 @@ def bench_serve(
     except (bs.BenchServeError, ValueError) as exc:
         _fail(str(exc))
 
-    n_threads = threads or os.cpu_count() or 1
+    n_threads = threads or _default_threads()
     gguf = None
     if synthetic:
         model = _synthetic_model(synthetic, "bf16", "i2", cache_dir)
