@@ -116,6 +116,8 @@ def test_variants_follow_the_cpu():
     want = ["ref"]
     if {"avx2", "f16c"} <= features:
         want.append("avx2")
+        if "avxvnni" in features:
+            want.append("avxvnni")
         if {"avx512bw", "avx512vnni"} <= features:
             want.append("avx512vnni")
     assert VARIANTS == want
@@ -455,13 +457,12 @@ def _raw_eval(model, tokens) -> np.ndarray:
     n = len(tokens)
     logits = np.zeros((n, model.n_vocab), dtype=np.float32)
     toks = np.asarray(tokens, dtype=np.int32)
-    ctx = model.context._ctx
-    status = lib.bn_eval(ctx, ffi.from_buffer("int32_t[]", toks), n, 0, ffi.from_buffer("float[]", logits), 1)
-    assert status == lib.BN_OK, ffi.string(lib.bn_context_error(ctx)).decode()
+    status = lib.bn_eval(model.context._ctx, ffi.from_buffer("int32_t[]", toks), n, 0, ffi.from_buffer("float[]", logits), 1)
+    assert status == lib.BN_OK, ffi.string(lib.bn_context_error(model.context._ctx)).decode()
     # then one decoding step (n_tok == 1 kernels) after the prompt
     step = np.zeros(model.n_vocab, dtype=np.float32)
     nxt = np.asarray([tokens[0]], dtype=np.int32)
-    status = lib.bn_eval(ctx, ffi.from_buffer("int32_t[]", nxt), 1, n, ffi.from_buffer("float[]", step), 0)
+    status = lib.bn_eval(model.context._ctx, ffi.from_buffer("int32_t[]", nxt), 1, n, ffi.from_buffer("float[]", step), 0)
     assert status == lib.BN_OK
     return np.concatenate([logits, step[None]], axis=0)
 
