@@ -56,9 +56,9 @@ def _toolchain_or_skip() -> None:
 
 def _cross_flags() -> list[str]:
     """The extension's flags (bitnet_run/_build.py), for a generic AArch64 CPU and warnings as errors."""
-    from bitnet_run._build import _compile_args
+    from bitnet_run._build import compile_args
 
-    flags = [f for f in _compile_args() if not f.startswith("-march=")]
+    flags = [f for f in compile_args() if not f.startswith("-march=")]
     return flags + ["-ffp-contract=off", "-Werror", "-static"]
 
 
@@ -68,7 +68,8 @@ def runner_binary(tmp_path_factory) -> Path:
     from bitnet_run._build import _sources
 
     out = tmp_path_factory.mktemp("arm") / "runner"
-    cmd = [CC, *_cross_flags(), "-Iruntime/include", "-Iruntime/src", *_sources(), "tests/arm/runner.c",
+    cmd = [CC, *_cross_flags(), "-Iruntime/include", "-Iruntime/src", *_sources(absolute=False),
+           "tests/arm/runner.c",
            "-o", str(out), "-lm", "-lpthread"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"the AArch64 build failed:\n{done.stderr}"
@@ -324,9 +325,9 @@ def test_each_build_compiles_the_other_isa_out(runner_binary, tmp_path):
     native = shutil.which("cc") or shutil.which("gcc")
     if native is None or os.uname().machine != "x86_64":
         pytest.skip("needs a native x86-64 compiler")
-    from bitnet_run._build import _compile_args
+    from bitnet_run._build import compile_args
 
-    cases = [(native, [*_compile_args(), "-Werror"], "runtime/src/arch/arm/kernels_neon.c", "nm"),
+    cases = [(native, [*compile_args(), "-Werror"], "runtime/src/arch/arm/kernels_neon.c", "nm"),
              (CC, _cross_flags(), "runtime/src/arch/x86/kernels_avx2.c", "aarch64-linux-gnu-nm"),
              (CC, _cross_flags(), "runtime/src/arch/x86/kernels_avx512vnni.c", "aarch64-linux-gnu-nm")]
     for cc, flags, src, nm in cases:
