@@ -112,6 +112,7 @@ def test_references_match_numpy(use_copy):
     for kind in ("random", "outliers", "ties", "zero", "tiny"):
         tf.test_quantize_reference_matches_numpy(kind)
     tf.test_attention_reference_matches_numpy()
+    tf.test_attention_f16_reference_is_the_float_one_on_rounded_values()
 
 
 @pytest.mark.parametrize("name", FAST_NAMES)
@@ -129,4 +130,5 @@ def test_variants_match_reference(use_copy, name):
     tk.test_dense_variant_matches_reference(variant=variant)
     tk.test_q8_variant_matches_reference(variant=variant)
     tf.test_quantize_variant_matches_reference(variant=variant)
-    tf.test_attention_variant_matches_reference(variant=variant)
+    for kv in ("f32", "f16"):
+        tf.test_attention_variant_matches_reference(variant=variant, kv=kv)

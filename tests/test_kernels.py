@@ -116,6 +116,8 @@ def test_variants_follow_the_cpu():
     want = ["ref"]
     if {"avx2", "f16c"} <= features:
         want.append("avx2")
+        if "avxvnni" in features:
+            want.append("avxvnni")
         if {"avx512bw", "avx512vnni"} <= features:
             want.append("avx512vnni")
     assert VARIANTS == want

@@ -146,6 +146,7 @@ const bn_kernels bn_kernels_avxvnni = {
     .q8_matmul = bn_q8_matmul_avx2,
     .quantize_row = bn_quantize_row_avx2,
     .attention_head = bn_attention_head_avx2,
+    .attention_head_f16 = bn_attention_head_f16_avx2,
 };
 
 #else
