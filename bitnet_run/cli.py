@@ -1,11 +1,10 @@
-"""The `bitnet-run` command line: convert, pull, run (generate), chat, show, bench.
+"""The `bitnet-run` command line: convert, pull, list, rm, run (generate), chat, perplexity, show, bench.
 
 Flags follow llama.cpp (-m -p -f -n -t -c --temp --top-k --top-p --min-p --repeat-penalty --seed);
 generated text goes to stdout, timings and progress to stderr.
 """
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import __version__
 from .errors import BitNetError
-from .paths import default_model, models_dir
+from .paths import default_model
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run ternary (BitNet b1.58) models on the CPU.")
 err_console = Console(stderr=True)
@@ -44,8 +43,9 @@ def main(
 
 
 # ---- shared options -------------------------------------------------------------------------------
-ModelOpt = typer.Option(None, "-m", "--model", help="Model file (.bnr); default: the bundled demo model.")
-ThreadsOpt = typer.Option(None, "-t", "--threads", help="Threads (default: one per CPU).")
+ModelOpt = typer.Option(None, "-m", "--model", help="Model file (.bnr or .gguf) or the name of a stored model "
+                        "(bitnet-run list); default: the bundled demo model.")
+ThreadsOpt = typer.Option(None, "-t", "--threads", help="Threads (default: one per physical core).")
 CtxOpt = typer.Option(None, "-c", "--ctx-size", help="Context size in tokens (default: the model's).")
 TempOpt = typer.Option(0.8, "--temp", help="Temperature; 0 = greedy.")
 TopKOpt = typer.Option(40, "--top-k", help="Top-k sampling; 0 = off.")
@@ -53,14 +53,35 @@ TopPOpt = typer.Option(0.95, "--top-p", help="Top-p (nucleus) sampling; 1 = off.
 MinPOpt = typer.Option(0.05, "--min-p", help="Min-p sampling; 0 = off.")
 RepeatOpt = typer.Option(1.1, "--repeat-penalty", help="Penalty for the last 64 tokens; 1 = off.")
 SeedOpt = typer.Option(-1, "--seed", "-s", help="RNG seed; -1 = random.")
+StopOpt = typer.Option(None, "--stop", help="Stop when the text contains this string (not printed); repeatable.")
+CacheTypeOpt = typer.Option("f16", "--cache-type", help="KV cache element type: f16 or f32.")
 
 
-def _load(model: Optional[Path], threads: Optional[int], ctx: Optional[int]):
-    from .model import Model
+def _default_threads() -> int:
+    from ._bitnet import lib
+
+    return lib.bn_default_n_threads()
+
+
+def _model_path(model: Optional[str]) -> Path:
+    """The model file of a -m argument (bitnet_run.store.resolve_model: a path, a GGUF file imported
+    once into the store, or a stored model's name); the demo model when None. Failures are one line."""
+    from .store import resolve_model
 
     try:
-        path = model if model is not None else default_model()
-        return Model(path, n_threads=threads, n_ctx=ctx)
+        return default_model() if model is None else resolve_model(model, reporting=_reporting)
+    except (OSError, ValueError) as exc:
+        _fail(str(exc))
+
+
+def _load(model: Optional[str], threads: Optional[int], ctx: Optional[int], kv_type: str = "f16"):
+    from .model import KV_TYPES, Model
+
+    if kv_type not in KV_TYPES:
+        _fail(f"--cache-type must be {' or '.join(KV_TYPES)}, not {kv_type!r}")
+    path = _model_path(model)
+    try:
+        return Model(path, n_threads=threads, n_ctx=ctx, kv_type=kv_type)
     except (OSError, ValueError, BitNetError) as exc:
         _fail(str(exc))
 
@@ -80,25 +101,43 @@ def _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed) -> dict:
 
 
 def _print_timings(stats) -> None:
+    """llama.cpp-style timings: the prompt, then generation end to end (what the user waited, sampling
+    and detokenization included) and the decoding evaluations alone."""
     err_console.print(
-        f"\nprompt eval: {stats.prompt_tokens} tokens in {stats.prompt_seconds:.3f} s "
+        f"\nprompt eval: {stats.prompt_tokens} tokens ({stats.cached_tokens} cached) in {stats.prompt_seconds:.3f} s "
         f"({stats.prompt_tps:.2f} tokens/s)\n"
-        f"generation:  {stats.generated_tokens} tokens in {stats.generation_seconds:.3f} s "
-        f"({stats.generation_tps:.2f} tokens/s)",
-        highlight=False,
+        f"generation:  {stats.generated_tokens} tokens in {stats.total_seconds - stats.prompt_seconds:.3f} s "
+        f"({stats.end_to_end_tps:.2f} tokens/s end-to-end); eval {stats.eval_tokens} tokens in "
+        f"{stats.generation_seconds:.3f} s ({stats.generation_tps:.2f} tokens/s)",
+        highlight=False, soft_wrap=True,
     )
 
 
+def _write_reply(pieces) -> bool:
+    """Writes the text pieces to stdout as they come; Ctrl-C ends the reply early. True if interrupted."""
+    try:
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        return True
+    finally:
+        pieces.close()  # releases the context at once, also when interrupted between two tokens
+    return False
+
+
 def _progress() -> Progress:
+    # no bar at all when stderr is not a terminal: its frames would only fill logs
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[item]}"), console=err_console,
+        TextColumn("{task.fields[item]}"), console=err_console, disable=not err_console.is_terminal,
     )
 
 
 @contextmanager
 def _reporting(description: str) -> Iterator[Callable[[int, int, str], None]]:
-    """A progress bar on stderr; yields the progress(done, total, name) callback the file writers take."""
+    """A progress bar on stderr; yields the progress(done, total, name) callback the file writers take.
+    Call _fail only outside the `with`: the bar is stopped by then, so the error gets a line of its own."""
     with _progress() as progress:
         task = progress.add_task(description, total=None, item="")
 
@@ -108,49 +147,107 @@ def _reporting(description: str) -> Iterator[Callable[[int, int, str], None]]:
         yield report
 
 
-def _convert(src: str, output: Path, weights: str = "i2", head: Optional[str] = None) -> Path:
+def _convert(src: str, output: Path, weights: str = "i2", head: Optional[str] = None,
+             chat_template: Optional[Path] = None) -> Path:
     from .convert import ConversionError, convert_checkpoint
+    from .convert.gguf_import import convert_gguf, is_gguf_file
 
-    with _reporting("converting") as report:
-        try:
+    try:
+        template = chat_template.read_text(encoding="utf-8") if chat_template is not None else None
+        with _reporting("converting") as report:
+            if is_gguf_file(src):
+                return convert_gguf(src, output, report, weights=weights, head=head, chat_template=template)
+            if template is not None:
+                raise ConversionError("--chat-template applies to GGUF files (a checkpoint carries its own template)")
             return convert_checkpoint(src, output, progress=report, weights=weights, head=head)
-        except (ConversionError, OSError) as exc:
-            _fail(str(exc))
+    except (ConversionError, OSError, UnicodeDecodeError) as exc:
+        _fail(str(exc))
+
+
+def _check_encodings(weights: str, head: Optional[str]) -> None:
+    if weights not in ("i2", "tl1", "tl2"):
+        _fail(f"--weights must be i2, tl1 or tl2, not {weights!r}")
+    if head is not None and head not in ("bf16", "f16", "f32", "q8"):
+        _fail(f"--head must be bf16, f16, f32 or q8, not {head!r}")
+
+
+WeightsOpt = typer.Option("i2", "--weights", help="Ternary weight encoding: i2, tl1 or tl2.")
+HeadOpt = typer.Option(None, "--head", help="Output head encoding: bf16, f16, f32 or q8 (8-bit rows, about half "
+                       "the bytes of bf16). Default: the checkpoint's dtype.")
 
 
 # ---- commands -------------------------------------------------------------------------------------
 @app.command()
 def convert(
-    src: str = typer.Argument(..., help="Hugging Face checkpoint folder, or a hub repo id."),
+    src: str = typer.Argument(..., help="Hugging Face checkpoint folder, a hub repo id, or a GGUF file."),
     output: Path = typer.Option(..., "-o", "--output", help="The .bnr file to write."),
-    weights: str = typer.Option("i2", "--weights", help="Ternary weight encoding: i2, tl1 or tl2."),
-    head: Optional[str] = typer.Option(None, "--head", help="Output head encoding: bf16, f16, f32 or q8 "
-                                       "(8-bit rows, about half the bytes of bf16). Default: the checkpoint's dtype."),
+    weights: str = WeightsOpt,
+    head: Optional[str] = HeadOpt,
+    chat_template: Optional[Path] = typer.Option(None, "--chat-template", help="A jinja chat template file to "
+                                                 "store instead of the GGUF file's own."),
 ):
-    """Convert a Hugging Face BitNet checkpoint into a packed .bnr model file."""
-    if weights not in ("i2", "tl1", "tl2"):
-        _fail(f"--weights must be i2, tl1 or tl2, not {weights!r}")
-    if head is not None and head not in ("bf16", "f16", "f32", "q8"):
-        _fail(f"--head must be bf16, f16, f32 or q8, not {head!r}")
-    path = _convert(src, output, weights, head)
+    """Convert a Hugging Face BitNet checkpoint or a GGUF file into a packed .bnr model file."""
+    _check_encodings(weights, head)
+    path = _convert(src, output, weights, head, chat_template)
     err_console.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)", highlight=False)
 
 
 @app.command()
 def pull(
-    repo_id: str = typer.Argument(..., help="Hub repo id, e.g. microsoft/bitnet-b1.58-2B-4T."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to write the .bnr file."),
+    repo_id: str = typer.Argument(..., help="Hub repo id, e.g. microsoft/bitnet-b1.58-2B-4T or "
+                                  "microsoft/bitnet-b1.58-2B-4T-gguf."),
+    file: Optional[str] = typer.Option(None, "--file", help="One GGUF file of the repo (default for a repo named "
+                                       "*gguf*: ggml-model-i2_s.gguf)."),
+    weights: str = WeightsOpt,
+    head: Optional[str] = HeadOpt,
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the .bnr file here instead of "
+                                          "into the model store."),
 ):
-    """Download a checkpoint from the Hugging Face hub and convert it (needs network)."""
-    target = output or models_dir() / (repo_id.replace("/", "--") + ".bnr")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    path = _convert(repo_id, target)
-    err_console.print(f"wrote {path}", highlight=False)
+    """Download a model from the Hugging Face hub and convert it into the model store (needs network,
+    or HF_HUB_OFFLINE=1 with the files in the Hugging Face cache). Run it by name: -m REPO."""
+    from .convert import ConversionError
+    from .store import pull as pull_model
+
+    _check_encodings(weights, head)
+    try:
+        path = pull_model(repo_id, file, weights, head, reporting=_reporting, output=output)
+    except (ConversionError, OSError) as exc:
+        _fail(str(exc))
+    err_console.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)", highlight=False)
+
+
+@app.command("list")
+def list_cmd():
+    """List the models in the store ($BITNET_RUN_HOME/models, default ~/.cache/bitnet-run/models)."""
+    from .store import describe, entries
+
+    columns = ("name", "family", "parameters", "encoding", "size", "source", "converted")
+    rows = [describe(entry) for entry in entries()]
+    if not rows:
+        err_console.print("no models in the store (bitnet-run pull REPO adds one)", highlight=False)
+        return
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    typer.echo("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
+    for row in rows:
+        typer.echo("  ".join(str(row[c]).ljust(widths[c]) for c in columns).rstrip())
+
+
+@app.command("rm")
+def rm_cmd(names: List[str] = typer.Argument(..., help="Names of stored models (bitnet-run list).")):
+    """Remove models from the store."""
+    from .store import remove
+
+    for name in names:
+        try:
+            entry = remove(name)
+        except OSError as exc:
+            _fail(str(exc))
+        err_console.print(f"removed {entry.name}", highlight=False)
 
 
 @app.command("run")
 def run_cmd(
-    model: Optional[Path] = ModelOpt,
+    model: Optional[str] = ModelOpt,
     prompt: Optional[str] = typer.Option(None, "-p", "--prompt", help="The prompt."),
     file: Optional[Path] = typer.Option(None, "-f", "--file", help="Read the prompt from a file."),
     n_predict: int = typer.Option(128, "-n", "--n-predict", help="Tokens to generate."),
@@ -163,8 +260,10 @@ def run_cmd(
     repeat_penalty: float = RepeatOpt,
     seed: int = SeedOpt,
     no_display_prompt: bool = typer.Option(False, "--no-display-prompt", help="Print only the generated text."),
+    stop: Optional[List[str]] = StopOpt,
+    cache_type: str = CacheTypeOpt,
 ):
-    """Generate a continuation of a prompt (alias: generate)."""
+    """Generate a continuation of a prompt (alias: generate). Ctrl-C stops with the text so far."""
     if prompt is not None and file is not None:
         _fail("give the prompt with -p or -f, not both")
     if file is not None:
@@ -177,17 +276,17 @@ def run_cmd(
     if n_predict < 0:
         _fail(f"-n must be >= 0, got {n_predict}")
     sampling = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
-    llm = _load(model, threads, ctx_size)
+    llm = _load(model, threads, ctx_size, cache_type)
     if not no_display_prompt:
         sys.stdout.write(prompt)
     try:
-        for piece in llm.stream(prompt, max_tokens=n_predict, **sampling):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        interrupted = _write_reply(llm.stream(prompt, max_tokens=n_predict, stop=stop, **sampling))
     except (ValueError, BitNetError) as exc:
         _fail(str(exc))
     sys.stdout.write("\n")
     _print_timings(llm.last_stats)
+    if interrupted:
+        raise typer.Exit(130)
 
 
 app.command("generate", help="Generate a continuation of a prompt (alias of run).")(run_cmd)
@@ -195,7 +294,7 @@ app.command("generate", help="Generate a continuation of a prompt (alias of run)
 
 @app.command()
 def chat(
-    model: Optional[Path] = ModelOpt,
+    model: Optional[str] = ModelOpt,
     system: Optional[str] = typer.Option(None, "--system", help="A system message."),
     n_predict: int = typer.Option(512, "-n", "--n-predict", help="Most tokens per reply."),
     threads: Optional[int] = ThreadsOpt,
@@ -206,10 +305,13 @@ def chat(
     min_p: float = MinPOpt,
     repeat_penalty: float = RepeatOpt,
     seed: int = SeedOpt,
+    stop: Optional[List[str]] = StopOpt,
+    cache_type: str = CacheTypeOpt,
 ):
-    """Chat with the model in the terminal (/reset clears the conversation, /exit or Ctrl-D quits)."""
+    """Chat with the model in the terminal (/reset clears the conversation, /exit or Ctrl-D quits; Ctrl-C
+    ends the current reply). Each turn evaluates only the new tokens: the cache keeps the conversation."""
     sampling = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
-    llm = _load(model, threads, ctx_size)
+    llm = _load(model, threads, ctx_size, cache_type)
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     err_console.print("chat: /reset clears the conversation, /exit quits", highlight=False)
@@ -229,28 +331,73 @@ def chat(
             continue
         messages.append({"role": "user", "content": text})
         reply = []
-        try:
-            for piece in llm.stream_chat(messages, max_tokens=n_predict, **sampling):
+
+        def pieces():
+            for piece in llm.stream_chat(messages, max_tokens=n_predict, stop=stop, **sampling):
                 reply.append(piece)
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+                yield piece
+
+        try:
+            interrupted = _write_reply(pieces())
         except (ValueError, BitNetError) as exc:
             messages.pop()
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             continue
         sys.stdout.write("\n")
+        # an interrupted reply stays in the conversation as far as it got (so does the cache)
         messages.append({"role": "assistant", "content": "".join(reply)})
         stats = llm.last_stats
-        err_console.print(f"[dim]({stats.generation_tps:.1f} tokens/s)[/]", highlight=False)
+        err_console.print(
+            f"[dim]({'interrupted; ' if interrupted else ''}{stats.generated_tokens} tokens, "
+            f"{stats.end_to_end_tps:.1f} tokens/s end-to-end, {stats.generation_tps:.1f} eval; "
+            f"prompt {stats.prompt_tokens} evaluated + {stats.cached_tokens} cached)[/]", highlight=False,
+            soft_wrap=True)
 
 
 @app.command()
-def show(model: Optional[Path] = typer.Argument(None, help="Model file (.bnr); default: the demo model.")):
+def perplexity(
+    model: Optional[Path] = ModelOpt,
+    file: Path = typer.Option(..., "-f", "--file", help="The text to score."),
+    ctx_size: int = typer.Option(512, "-c", "--ctx-size", help="Window size in tokens."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="Score at most this many windows (default: all)."),
+    threads: Optional[int] = ThreadsOpt,
+    cache_type: str = CacheTypeOpt,
+):
+    """Perplexity of a text file, llama-perplexity style: non-overlapping windows of -c tokens, each
+    from a fresh cache starting with BOS, the second half of each window scored."""
+    from .perplexity import perplexity as score
+
+    try:
+        text = file.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"{file}: cannot read the text file ({getattr(exc, 'strerror', None) or exc})")
+    llm = _load(model, threads, max(ctx_size, 1), cache_type)
+
+    def progress(done: int, total: int, ppl: float) -> None:
+        err_console.print(f"[{done}/{total}] {ppl:.4f}", highlight=False)
+
+    try:
+        result = score(llm, text, n_ctx=ctx_size, n_chunks=chunks, progress=progress)
+    except (ValueError, BitNetError) as exc:
+        _fail(f"{file}: {exc}")
+    typer.echo(f"perplexity: {result.perplexity:.4f} ({result.n_chunks} chunks of {result.n_ctx} tokens, "
+               f"{result.n_scored} tokens scored)")
+
+
+@app.command()
+def show(
+    model: Optional[str] = typer.Argument(None, help="Model file (.bnr or .gguf) or a stored model's name; "
+                                          "default: the demo model."),
+    model_opt: Optional[str] = typer.Option(None, "-m", "--model", help="The same, as an option."),
+):
     """Print a model file's metadata and tensor table."""
     from .fileformat import read_header
 
+    if model is not None and model_opt is not None:
+        _fail("give the model as an argument or with -m, not both")
+    path = _model_path(model if model is not None else model_opt)
     try:
-        header = read_header(model if model is not None else default_model())
+        header = read_header(path)
     except (OSError, ValueError) as exc:
         _fail(str(exc))
     # plain aligned text rather than a rich table: it stays greppable and never truncates names
@@ -318,8 +465,8 @@ def _peer_models(shape: str, head: str, cache_dir: Optional[Path]) -> list:
 @app.command()
 def bench(
     model: Optional[List[str]] = typer.Option(
-        None, "-m", "--model", help="Model file(s) (.bnr): repeat -m or give a comma list. Default: the demo model, "
-        "unless --synthetic is given."),
+        None, "-m", "--model", help="Model file(s) (.bnr, .gguf) or stored models' names: repeat -m or give a comma "
+        "list. Default: the demo model, unless --synthetic is given."),
     synthetic: Optional[str] = typer.Option(
         None, "--synthetic", help="Synthetic random-ternary shape(s), comma list: tiny, tiny-tq, large-700m, 2b-4t, "
         "3b, 8b (written once into the cache)."),
@@ -328,7 +475,7 @@ def bench(
     n_gen: str = typer.Option("128", "-n", "--n-gen", help="Generated tokens for tgN tests (same syntax); 0 = none."),
     repetitions: int = typer.Option(5, "-r", "--repetitions", help="Timed runs per test (after one warm-up)."),
     threads: Optional[str] = typer.Option(None, "-t", "--threads", help="Thread counts, e.g. 1,2 or 1-8*2 "
-                                          "(default: one per CPU)."),
+                                          "(default: one per physical core)."),
     output: str = typer.Option("md", "-o", "--output", help="md, json or csv."),
     peers: str = typer.Option("none", "--peers", help="Peer runtimes to run on the same synthetic shape, interleaved "
                               "A/B: none or llamacpp (llama.cpp TQ2_0 and TQ1_0 through llama-cpp-python)."),
@@ -343,6 +490,10 @@ def bench(
     warmup: bool = typer.Option(True, "--warmup/--no-warmup", help="One untimed run before each test."),
     kernels: bool = typer.Option(False, "--kernels", help="Instead of whole-model tests, time each kernel variant "
                                  "on the models' ternary matrix shapes (1 token and each -p length)."),
+    e2e: bool = typer.Option(False, "--e2e", help="Also time end-to-end generation (stream_generate with the default "
+                             "sampling) next to each tgN: rows e2eN."),
+    parallel: Optional[str] = typer.Option(None, "--parallel", help="Also decode S sequences together next to each "
+                                           "tgN, comma list of S (e.g. 1,2,4,8): rows 'tgN xS', aggregate t/s."),
 ):
     """Measure prompt processing (ppN) and generation (tgN) tokens/s, llama-bench style.
 
@@ -368,7 +519,7 @@ def bench(
         weight_list = bn.parse_weights(weights) if weights is not None else ["i2"]
         p_list = bn.parse_int_list(n_prompt, "-p")
         n_list = bn.parse_int_list(n_gen, "-n")
-        t_list = bn.parse_int_list(threads, "-t", minimum=1) if threads is not None else [os.cpu_count() or 1]
+        t_list = bn.parse_int_list(threads, "-t", minimum=1) if threads is not None else [_default_threads()]
         shapes = list(dict.fromkeys(s.strip() for s in synthetic.split(","))) if synthetic is not None else []
         for shape in shapes:
             syn.get_shape(shape)
@@ -376,15 +527,15 @@ def bench(
                 from .bench.peers import check_shape
 
                 check_shape(shape)
-        paths = [Path(m.strip()) for item in (model or []) for m in item.split(",") if m.strip()]
-        if not paths and not shapes:
-            paths = [default_model()]
-        for path in paths:
-            if not path.is_file():
-                raise bn.BenchError(f"{path}: no such model file")
+        names = [m.strip() for item in (model or []) for m in item.split(",") if m.strip()]
+        # a file is labelled by its stem, a stored model by its name
+        labelled = [(Path(m).stem if Path(m).is_file() else m, _model_path(m)) for m in names]
+        if not labelled and not shapes:
+            labelled = [(default_model().stem, default_model())]
         spec = bn.BenchSpec(
-            models=[(p.stem, p) for p in paths], n_prompt=p_list, n_gen=n_list, threads=t_list,
-            repetitions=repetitions, membw_bytes=max(membw_mib, 0) << 20, warmup=warmup,
+            models=labelled, n_prompt=p_list, n_gen=n_list, threads=t_list,
+            repetitions=repetitions, membw_bytes=max(membw_mib, 0) << 20, warmup=warmup, e2e=e2e,
+            parallel=bn.parse_int_list(parallel, "--parallel", minimum=1) if parallel is not None else [],
         )
         bn.validate(spec, models=False)  # the synthetic models are added below, once written
     except (bn.BenchError, ValueError, OSError) as exc:

@@ -21,7 +21,6 @@ MAGIC = b"BNRF"
 VERSION = 1
 ALIGNMENT = 64
 HEADER_SIZE = 40
-MAX_KEY_LEN = 256
 MAX_DIMS = 4
 
 # Metadata value types.
@@ -40,7 +39,7 @@ TYPE_NAMES = {
     TYPE_I32_ARRAY: "i32 array",
 }
 
-# Tensor encodings; ids are never reused.
+# Tensor encodings (docs/format.md); ids are never reused. Their traits are the ENCODINGS table below.
 ENCODING_F32 = 0
 ENCODING_F16 = 1
 ENCODING_BF16 = 2
@@ -48,21 +47,15 @@ ENCODING_I2 = 3
 ENCODING_TL1 = 4
 ENCODING_TL2 = 5
 ENCODING_Q8R = 6
-ENCODING_NAMES = {
-    ENCODING_F32: "F32", ENCODING_F16: "F16", ENCODING_BF16: "BF16", ENCODING_I2: "I2", ENCODING_TL1: "TL1",
-    ENCODING_TL2: "TL2", ENCODING_Q8R: "Q8_R",
-}
-# The ternary (BitLinear) weight encodings.
-TERNARY_ENCODINGS = (ENCODING_I2, ENCODING_TL1, ENCODING_TL2)
 # TL1/TL2 group the rows into tiles of this many rows (docs/format.md).
 TL_TILE = 32
 TL2_GROUP_BYTES = 40
-# The numpy dtype each float encoding is stored as (bf16 as its raw bits).
-FLOAT_ENCODING_DTYPES = {
-    ENCODING_F32: np.dtype("<f4"),
-    ENCODING_F16: np.dtype("<f2"),
-    ENCODING_BF16: np.dtype("<u2"),
-}
+# Tensor names and metadata keys: 1..256 printable ASCII bytes (they end up in one-line errors).
+MAX_NAME_LEN = 256
+# Alignments a reader accepts: powers of two in this range (>= 4 keeps F32 data 4-byte aligned).
+MIN_ALIGNMENT, MAX_ALIGNMENT = 4, 65536
+# Most metadata records and tensor records a reader accepts.
+MAX_RECORDS = 65536
 
 _HEADER = struct.Struct("<4sIIIQQQ")
 _U32 = struct.Struct("<I")
@@ -75,36 +68,6 @@ MetadataValue = Union[int, float, str, list]
 
 def align_up(n: int, alignment: int = ALIGNMENT) -> int:
     return (n + alignment - 1) // alignment * alignment
-
-
-def encoded_nbytes(encoding: int, dims: Sequence[int]) -> int:
-    """The exact data size the spec requires for a tensor of this encoding and shape."""
-    if encoding in FLOAT_ENCODING_DTYPES:
-        return FLOAT_ENCODING_DTYPES[encoding].itemsize * math.prod(dims)
-    if encoding in TERNARY_ENCODINGS:
-        if len(dims) != 2:
-            raise ValueError(f"{ENCODING_NAMES[encoding]} tensors are 2-D, got dims {list(dims)}")
-        rows, cols = dims
-        if encoding == ENCODING_I2:
-            return rows * ((cols + 3) // 4)
-        tiles = -(-rows // TL_TILE)
-        if encoding == ENCODING_TL1:
-            return tiles * _tl1_tile_bytes(cols)
-        return tiles * _tl2_tile_bytes(cols)
-    if encoding == ENCODING_Q8R:
-        if len(dims) != 2:
-            raise ValueError(f"Q8_R tensors are 2-D, got dims {list(dims)}")
-        rows, cols = dims
-        return 4 * rows + rows * cols
-    raise ValueError(f"unknown encoding id {encoding}")
-
-
-def _tl1_tile_bytes(cols: int) -> int:
-    return TL_TILE * ((cols + 3) // 4)
-
-
-def _tl2_tile_bytes(cols: int) -> int:
-    return TL2_GROUP_BYTES * ((cols // 3 + 1) // 2) + (TL_TILE if cols % 3 else 0)
 
 
 # --------------------------------------------------------------------------- I2 packing
@@ -305,13 +268,77 @@ def dequantize_q8r(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) * np.asarray(scale, dtype=np.float32)[:, None]
 
 
-# Encoding per converter `head` name (the embedding / output head).
+# --------------------------------------------------------------------------- the encodings table
+
+
+def _float_nbytes(itemsize: int) -> Callable[[Sequence[int]], int]:
+    return lambda dims: itemsize * math.prod(dims)
+
+
+def _tl1_tile_bytes(cols: int) -> int:
+    return TL_TILE * ((cols + 3) // 4)
+
+
+def _tl2_tile_bytes(cols: int) -> int:
+    return TL2_GROUP_BYTES * ((cols // 3 + 1) // 2) + (TL_TILE if cols % 3 else 0)
+
+
+def _tiled(tile_bytes: Callable[[int], int]) -> Callable[[Sequence[int]], int]:
+    return lambda dims: -(-dims[0] // TL_TILE) * tile_bytes(dims[1])
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """One tensor encoding: its id in the file, its names, what it holds and how many bytes a shape takes.
+    The C runtime has the same table (bn_encoding_traits, runtime/src/model_file.c); a test compares them."""
+
+    id: int
+    name: str  # as docs/format.md and error messages write it
+    option: str  # the name the converter, bench and kernel tools take (--weights, --head)
+    kind: str  # "float" (dense), "ternary" (a BitLinear weight) or "q8" (int8 rows, the output head)
+    nbytes_of: Callable[[Sequence[int]], int]
+    tile_rows: int = 1  # rows a layout groups together (the last group padded)
+    dtype: np.dtype | None = None  # float encodings: how numpy holds the stored values (bf16 as its bits)
+    pack: Callable[[np.ndarray], np.ndarray] | None = None  # ternary: int8 [out, in] -> the stored bytes
+
+    @property
+    def two_d(self) -> bool:
+        return self.kind != "float"
+
+    def nbytes(self, dims: Sequence[int]) -> int:
+        if self.two_d and len(dims) != 2:
+            raise ValueError(f"{self.name} tensors are 2-D, got dims {list(dims)}")
+        return self.nbytes_of(dims)
+
+
+ENCODINGS: dict[int, Encoding] = {
+    e.id: e
+    for e in (
+        Encoding(ENCODING_F32, "F32", "f32", "float", _float_nbytes(4), dtype=np.dtype("<f4")),
+        Encoding(ENCODING_F16, "F16", "f16", "float", _float_nbytes(2), dtype=np.dtype("<f2")),
+        Encoding(ENCODING_BF16, "BF16", "bf16", "float", _float_nbytes(2), dtype=np.dtype("<u2")),
+        Encoding(ENCODING_I2, "I2", "i2", "ternary", lambda d: d[0] * ((d[1] + 3) // 4), pack=pack_i2),
+        Encoding(ENCODING_TL1, "TL1", "tl1", "ternary", _tiled(_tl1_tile_bytes), TL_TILE, pack=pack_tl1),
+        Encoding(ENCODING_TL2, "TL2", "tl2", "ternary", _tiled(_tl2_tile_bytes), TL_TILE, pack=pack_tl2),
+        Encoding(ENCODING_Q8R, "Q8_R", "q8", "q8", lambda d: 4 * d[0] + d[0] * d[1]),
+    )
+}
+ENCODING_NAMES = {e.id: e.name for e in ENCODINGS.values()}
+# The ternary (BitLinear) weight encodings, and each one's packer.
+TERNARY_ENCODINGS = tuple(e.id for e in ENCODINGS.values() if e.kind == "ternary")
+TERNARY_PACKERS = {e.id: e.pack for e in ENCODINGS.values() if e.kind == "ternary"}
+# The numpy dtype each float encoding is stored as (bf16 as its raw bits).
+FLOAT_ENCODING_DTYPES = {e.id: e.dtype for e in ENCODINGS.values() if e.kind == "float"}
+# Encoding per converter `weights` name (the ternary linears) and `head` name (the output head).
+WEIGHT_ENCODINGS = {e.option: e.id for e in ENCODINGS.values() if e.kind == "ternary"}
 HEAD_ENCODINGS = {"bf16": ENCODING_BF16, "f16": ENCODING_F16, "f32": ENCODING_F32, "q8": ENCODING_Q8R}
 
 
-# Packer per ternary encoding, and the encoding per converter `weights` name.
-TERNARY_PACKERS = {ENCODING_I2: pack_i2, ENCODING_TL1: pack_tl1, ENCODING_TL2: pack_tl2}
-WEIGHT_ENCODINGS = {"i2": ENCODING_I2, "tl1": ENCODING_TL1, "tl2": ENCODING_TL2}
+def encoded_nbytes(encoding: int, dims: Sequence[int]) -> int:
+    """The exact data size the spec requires for a tensor of this encoding and shape."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding id {encoding}")
+    return ENCODINGS[encoding].nbytes(dims)
 
 
 # --------------------------------------------------------------------------- writer
@@ -336,11 +363,20 @@ class _PlannedTensor:
     scale: float = 1.0
 
 
-def _encode_key(key: str) -> bytes:
-    raw = key.encode("ascii")
-    if not 0 < len(raw) <= MAX_KEY_LEN:
-        raise ValueError(f"metadata key {key!r} must be 1..{MAX_KEY_LEN} bytes")
+def _is_name(raw: bytes) -> bool:
+    """The rule for tensor names and metadata keys, the same in the C loader (model_file.c)."""
+    return 0 < len(raw) <= MAX_NAME_LEN and all(0x20 <= b <= 0x7E for b in raw)
+
+
+def _encode_name(name: str, what: str) -> bytes:
+    raw = name.encode("utf-8")
+    if not _is_name(raw):
+        raise ValueError(f"{what} {name!r} must be 1..{MAX_NAME_LEN} printable ASCII characters")
     return raw
+
+
+def _encode_key(key: str) -> bytes:
+    return _encode_name(key, "metadata key")
 
 
 class Writer:
@@ -388,6 +424,7 @@ class Writer:
         self, name: str, encoding: int, dims: Sequence[int], produce: Callable[[], TensorData]
     ) -> None:
         """Plan a tensor; `produce()` is called during `write` and must return exactly its bytes."""
+        _encode_name(name, "tensor name")
         dims = tuple(int(d) for d in dims)
         if not 1 <= len(dims) <= MAX_DIMS or any(d <= 0 for d in dims):
             raise ValueError(f"tensor {name!r}: dims {list(dims)} must be 1..{MAX_DIMS} positive sizes")
@@ -451,6 +488,8 @@ class Writer:
                         f"{ENCODING_NAMES[t.encoding]} {list(t.dims)} needs {t.nbytes}"
                     )
                 t.scale = float(produced.scale)
+                if not math.isfinite(t.scale):
+                    raise ValueError(f"tensor {t.name!r}: scale {t.scale} is not finite")
                 f.seek(data_offset + t.offset)
                 f.write(memoryview(data).cast("B"))
                 del produced, data
@@ -507,13 +546,14 @@ class _Cursor:
         self.path = path
         self.buf = buf
         self.pos = 0
+        self.end = len(buf)  # reads stop here (data_offset once the header is read)
 
     def fail(self, what: str) -> ValueError:
         return ValueError(f"{self.path}: {what}")
 
     def take(self, n: int, what: str) -> memoryview:
-        if n < 0 or self.pos + n > len(self.buf):
-            raise self.fail(f"file ends inside {what} (needs {n} bytes at offset {self.pos})")
+        if n < 0 or self.pos + n > self.end:
+            raise self.fail(f"file ends inside {what} (needs {n} bytes at offset {self.pos}, before data_offset {self.end})")
         chunk = self.buf[self.pos : self.pos + n]
         self.pos += n
         return chunk
@@ -541,18 +581,24 @@ def _read_metadata_value(cur: _Cursor, key: str, type_id: int) -> MetadataValue:
             raise cur.fail(f"{what} is not valid UTF-8 ({e})") from None
     if type_id == TYPE_I32_ARRAY:
         count = cur.unpack(_U64, f"{what} count")
-        if count > (len(cur.buf) - cur.pos) // 4:
+        if count > (cur.end - cur.pos) // 4:
             raise cur.fail(f"{what}: i32 array count {count} runs past the end of the file")
         return list(struct.unpack(f"<{count}i", cur.take(4 * count, what)))
     raise cur.fail(f"{what} has unknown value type {type_id}")
 
 
+def _read_name(cur: _Cursor, what: str) -> str:
+    length = cur.unpack(_U32, f"{what} length")
+    if not 0 < length <= MAX_NAME_LEN:
+        raise cur.fail(f"{what} length {length}, expected 1..{MAX_NAME_LEN}")
+    raw = bytes(cur.take(length, what))
+    if not _is_name(raw):
+        raise cur.fail(f"{what}: not printable ASCII")
+    return raw.decode("ascii")
+
+
 def _read_tensor_record(cur: _Cursor, index: int) -> TensorInfo:
-    name_len = cur.unpack(_U32, f"tensor record {index} name length")
-    try:
-        name = bytes(cur.take(name_len, f"tensor record {index} name")).decode("utf-8")
-    except UnicodeDecodeError:
-        raise cur.fail(f"tensor record {index}: name is not valid UTF-8") from None
+    name = _read_name(cur, f"tensor record {index} name")
     what = f"tensor {name!r}"
     encoding = cur.unpack(_U32, f"{what} encoding")
     n_dims = cur.unpack(_U32, f"{what} n_dims")
@@ -568,6 +614,8 @@ def _read_tensor_record(cur: _Cursor, index: int) -> TensorInfo:
         raise cur.fail(f"{what}: {ENCODING_NAMES[encoding]} tensors are 2-D, dims are {list(dims)}")
     if any(d == 0 for d in dims):
         raise cur.fail(f"{what}: dims {list(dims)} contain a zero")
+    if not math.isfinite(scale):
+        raise cur.fail(f"{what}: scale {scale} is not finite")
     expected = encoded_nbytes(encoding, dims)
     if nbytes != expected:
         raise cur.fail(f"{what}: nbytes is {nbytes}, {ENCODING_NAMES[encoding]} {list(dims)} needs {expected}")
@@ -603,23 +651,19 @@ def _parse(path: Path, buf: memoryview, size: int) -> FileHeader:
         raise cur.fail(f"magic is {magic!r}, expected {MAGIC!r}: not a bitnet-run model file")
     if version != VERSION:
         raise cur.fail(f"version is {version}, this reader supports version {VERSION}")
-    if alignment == 0 or alignment & (alignment - 1):
-        raise cur.fail(f"alignment is {alignment}, expected a power of two ({ALIGNMENT})")
-    if data_offset % alignment or data_offset > size:
-        raise cur.fail(f"data_offset {data_offset} is not an aligned offset inside the {size}-byte file")
-    # Each metadata record takes at least 9 bytes and each tensor record at least 36.
-    if n_kv > size // 9 or n_tensors > size // 36:
-        raise cur.fail(f"n_kv {n_kv} / n_tensors {n_tensors} cannot fit in a {size}-byte file")
+    if not MIN_ALIGNMENT <= alignment <= MAX_ALIGNMENT or alignment & (alignment - 1):
+        raise cur.fail(f"alignment is {alignment}, expected a power of two in {MIN_ALIGNMENT}..{MAX_ALIGNMENT} ({ALIGNMENT})")
+    if data_offset < HEADER_SIZE or data_offset % alignment or data_offset > size:
+        raise cur.fail(f"data_offset {data_offset} is not an aligned offset after the header inside the {size}-byte file")
+    # Each metadata record takes at least 13 bytes and each tensor record at least 41, before data_offset.
+    area = data_offset - HEADER_SIZE
+    if n_kv > min(MAX_RECORDS, area // 13) or n_tensors > min(MAX_RECORDS, area // 41):
+        raise cur.fail(f"n_kv {n_kv} / n_tensors {n_tensors} cannot fit before data_offset {data_offset}")
+    cur.end = data_offset  # the records live before the data
 
     header = FileHeader(path, version, alignment, data_offset, size)
     for index in range(n_kv):
-        key_len = cur.unpack(_U32, f"metadata record {index} key length")
-        if not 0 < key_len <= MAX_KEY_LEN:
-            raise cur.fail(f"metadata record {index}: key length {key_len}, expected 1..{MAX_KEY_LEN}")
-        try:
-            key = bytes(cur.take(key_len, f"metadata record {index} key")).decode("ascii")
-        except UnicodeDecodeError:
-            raise cur.fail(f"metadata record {index}: key is not ASCII") from None
+        key = _read_name(cur, f"metadata record {index} key")
         if key in header.metadata:
             raise cur.fail(f"metadata key {key!r} appears twice")
         type_id = cur.unpack(_U32, f"metadata {key!r} type")
@@ -640,9 +684,6 @@ def _parse(path: Path, buf: memoryview, size: int) -> FileHeader:
             )
         names.add(info.name)
         header.tensors.append(info)
-
-    if cur.pos > data_offset:
-        raise cur.fail(f"data_offset {data_offset} lies inside the tables, which end at {cur.pos}")
     return header
 
 

@@ -65,6 +65,19 @@ CASES = {
     "tl1-master-gqa4-d32-tied": dict(fmt="master", hidden=256, heads=8, kv_heads=2, tied=True, seed=3, weights="tl1"),
     "tl2-packed-gqa2-d64-untied": dict(fmt="packed", hidden=256, heads=4, kv_heads=2, tied=False, seed=2, weights="tl2"),
     "tl2-master-mha-d64-untied": dict(fmt="master", hidden=128, heads=2, kv_heads=2, tied=False, seed=4, weights="tl2"),
+    # LlamaForCausalLM with BitLinears (Falcon3 / Llama3-8B-1.58 / Falcon-E): SiLU, no sub-norms, packed
+    # with an inverted weight_scale or bf16 master weights, use_rms_norm on and off, GQA 4:1, head_dim
+    # from the config (48 and 40: n_heads * head_dim != hidden), every ternary encoding and the q8 head
+    "llama-packed-gqa4-d48-untied-rms": dict(arch="llama", fmt="packed", hidden=128, heads=4, kv_heads=1, head_dim=48,
+                                             tied=False, use_rms_norm=True, seed=11),
+    "llama-packed-gqa4-tied-tl1": dict(arch="llama", fmt="packed", hidden=256, heads=4, kv_heads=1, tied=True, seed=12,
+                                       weights="tl1"),
+    "llama-master-gqa4-d40-untied-rms-tl2": dict(arch="llama", fmt="master", hidden=128, heads=8, kv_heads=2,
+                                                 head_dim=40, tied=False, use_rms_norm=True, seed=13, weights="tl2"),
+    "llama-master-gqa4-tied-i2": dict(arch="llama", fmt="master", hidden=256, heads=4, kv_heads=1, tied=True, seed=14),
+    # the 8-bit head (untied): the reference then computes the same Q8_R head (checkpoints.Q8Head)
+    "llama-master-d48-untied-tl2-q8": dict(arch="llama", fmt="master", hidden=128, heads=4, kv_heads=1, head_dim=48,
+                                           tied=False, seed=17, weights="tl2", head="q8"),
 }
 
 

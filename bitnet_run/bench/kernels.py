@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import statistics
 
+from .. import fileformat as ff
 from .._bitnet import ffi, lib
 
-ENCODINGS = {"f32": 0, "f16": 1, "bf16": 2, "i2": 3, "tl1": 4, "tl2": 5, "q8": 6}
-TERNARY = ("i2", "tl1", "tl2")
+ENCODINGS = {e.option: e.id for e in ff.ENCODINGS.values()}  # "i2" -> 3, ...
+TERNARY = tuple(ff.WEIGHT_ENCODINGS)
 # (name, rows, cols) of the BitLinears of BitNet b1.58 2B-4T (hidden 2560, intermediate 6912, 5 kv heads of 128).
 LAYER_SHAPES_2B4T = [
     ("q/o_proj", 2560, 2560),
@@ -32,9 +33,7 @@ def cpu_features() -> str:
 
 
 def _weight_bytes(encoding: str, rows: int, cols: int) -> int:
-    from ..fileformat import encoded_nbytes
-
-    return encoded_nbytes(ENCODINGS[encoding], (rows, cols))
+    return ff.encoded_nbytes(ENCODINGS[encoding], (rows, cols))
 
 
 def time_kernels(

@@ -1,10 +1,10 @@
 """Peer runtimes for `bitnet-run bench --peers`: the same synthetic shape as GGUF for llama.cpp
 (through llama-cpp-python), timed the way bench.py times bitnet-run.
 
-`write_gguf` writes a synthetic shape (bitnet_run/synthetic.py) as a GGUF that llama.cpp's `bitnet`
-architecture loads (REFERENCE.md section 8): tensors token_embd, output_norm and
-blk.N.{attn_norm, attn_q, attn_k, attn_v, attn_output, attn_sub_norm, ffn_norm, ffn_gate, ffn_up,
-ffn_down, ffn_sub_norm}; linears as TQ2_0 or TQ1_0 (random ternary weights times one scale per
+`write_gguf` writes a synthetic shape (bitnet_run/bench/synthetic.py) as a GGUF that llama.cpp loads:
+its `bitnet` architecture for shapes with sub-norms, `llama` for the others, the tensors of the
+shape's plan (convert/arch.py) under their llama.cpp names (arch.gguf_name: token_embd, output_norm,
+blk.N.attn_q, ...); linears as TQ2_0 or TQ1_0 (random ternary weights times one scale per
 tensor, quantized with gguf.quants.quantize), norms F32, the tied embedding (= output head) Q8_0 or F16.
 The weights are random (seeded) and llama.cpp's bitnet graph gates the FFN with SiLU instead of
 relu2: fine for timing, meaningless for outputs.
@@ -22,39 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..convert import arch
 from . import synthetic as syn
 
 GGUF_FORMAT = 1  # bump when the files written here change, so stale caches are rewritten
 LINEAR_TYPES = ("TQ2_0", "TQ1_0")
 GGUF_HEADS = ("q8_0", "f16")
-
-# llama.cpp tensor names of our per-layer tensors (synthetic.tensor_plan suffixes)
-_LAYER_NAMES = {
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "self_attn.attn_sub_norm": "attn_sub_norm",
-    "mlp.ffn_sub_norm": "ffn_sub_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-
-
-def gguf_name(name: str) -> str:
-    """The llama.cpp name of one of synthetic.tensor_plan's tensors."""
-    if name == "model.embed_tokens.weight":
-        return "token_embd.weight"
-    if name == "model.norm.weight":
-        return "output_norm.weight"
-    if name == "lm_head.weight":
-        return "output.weight"
-    parts = name.split(".")  # model.layers.N.<suffix>.weight
-    return f"blk.{parts[2]}.{_LAYER_NAMES['.'.join(parts[3:-1])]}.weight"
-
 
 def gguf_plan(shape: syn.Shape | str, linear_type: str = "TQ2_0", head: str = "q8_0") -> list[tuple[str, str, tuple[int, ...], str]]:
     """(gguf name, kind, dims as (rows, cols) like ours, ggml type name) of every tensor, in write order."""
@@ -70,8 +43,13 @@ def gguf_plan(shape: syn.Shape | str, linear_type: str = "TQ2_0", head: str = "q
             qtype = head.upper()
         else:
             qtype = "F32"
-        plan.append((gguf_name(t.name), t.kind, t.dims, qtype))
+        plan.append((arch.gguf_name(t.name), t.kind, t.dims, qtype))
     return plan
+
+
+def gguf_architecture(shape: syn.Shape) -> str:
+    """The llama.cpp architecture a shape's GGUF is written as."""
+    return "bitnet" if shape.sub_norms else "llama"
 
 
 def _tokenizer(vocab_size: int) -> tuple[list[str], list[float], list[int]]:
@@ -98,7 +76,8 @@ def write_gguf(shape: syn.Shape | str, path: str | os.PathLike, linear_type: str
     plan = gguf_plan(s, linear_type, head)
     Q = gguf.GGMLQuantizationType
     rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(path, "bitnet")
+    # llama.cpp's `bitnet` graph has the sub-norms; shapes without them are its plain `llama` graph
+    w = gguf.GGUFWriter(path, gguf_architecture(s))
     w.add_name(f"synthetic-{s.name}")
     w.add_context_length(s.context_length)
     w.add_embedding_length(s.hidden_size)
@@ -107,8 +86,11 @@ def write_gguf(shape: syn.Shape | str, path: str | os.PathLike, linear_type: str
     w.add_head_count(s.n_heads)
     w.add_head_count_kv(s.n_kv_heads)
     w.add_rope_dimension_count(s.head_dim)
+    if s.head_dim * s.n_heads != s.hidden_size:
+        w.add_key_length(s.head_dim)
+        w.add_value_length(s.head_dim)
     w.add_rope_freq_base(s.rope_theta)
-    w.add_layer_norm_rms_eps(1e-5)
+    w.add_layer_norm_rms_eps(s.rms_norm_eps)
     w.add_vocab_size(s.vocab_size)
     tokens, scores, types = _tokenizer(s.vocab_size)
     w.add_tokenizer_model("llama")
@@ -298,7 +280,7 @@ def gguf_facts(shape: syn.Shape | str, linear_type: str, head: str) -> dict:
         "n_params": n_params, "linear_bpw": linear_bytes * 8 / linear_params, "bytes_per_token": per_token,
         "weights": linear_type,
         "model_type": f"bitnet {s.hidden_size}x{s.n_layers}L {'tied' if s.tied_embeddings else 'untied'} "
-                      f"{linear_type} {head.upper()} head (llama.cpp graph: SiLU FFN)",
+                      f"{linear_type} {head.upper()} head (llama.cpp {gguf_architecture(s)} graph: SiLU FFN)",
     }
 
 

@@ -18,6 +18,8 @@ import numpy as np
 
 from .. import __version__
 from .. import fileformat as ff
+from ..convert import arch
+from ..convert.arch import Hyperparameters
 
 SYNTHETIC_FORMAT = 1  # bump when the files written here change, so stale caches are rewritten
 EMBEDDING_STD = 0.02
@@ -29,49 +31,70 @@ TERNARY_CHUNK_ROWS = 32 * ff.TL_TILE
 
 @dataclass(frozen=True)
 class Shape:
-    """The dimensions of one synthetic model (architecture `bitnet`: relu2 FFN, sub-norms)."""
+    """One synthetic model: a name, the hyperparameters of the released model it copies, and where
+    they come from."""
 
     name: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    tied_embeddings: bool
-    context_length: int
-    rope_theta: float
+    hp: Hyperparameters
     description: str
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.n_heads
+    def __getattr__(self, name: str):  # the dimensions read like the hyperparameters (shape.hidden_size)
+        return getattr(self.__dict__["hp"], name)
 
 
-# The dimensions of released ternary models (docs/benchmarks.md). Where the released model is not a
-# `bitnet` (relu2 + sub-norm) architecture, its dimensions are used with this architecture: the
-# matrices, and so the work per token, are the same.
+def make_shape(name: str, vocab: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
+           tied: bool, context: int, rope_theta: float, description: str, head_dim: int | None = None,
+           rms_norm_eps: float = 1e-5, hidden_act: str = "relu2", sub_norms: bool = True,
+           weight_scale: str = "multiply") -> Shape:
+    hp = Hyperparameters(vocab, hidden, intermediate, layers, heads, kv_heads, head_dim or hidden // heads, context,
+                         rms_norm_eps, rope_theta, hidden_act, tied, sub_norms, None, weight_scale)
+    return Shape(name, hp, description)
+
+
+def make_llama_shape(name: str, vocab: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
+           tied: bool, context: int, rope_theta: float, description: str, head_dim: int | None = None,
+           rms_norm_eps: float = 1e-6) -> Shape:
+    """A Llama-architecture BitLinear model (SiLU, no sub-norms, inverted weight scale)."""
+    return make_shape(name, vocab, hidden, intermediate, layers, heads, kv_heads, tied, context, rope_theta, description,
+                  head_dim, rms_norm_eps, "silu", False, "divide")
+
+
+# The dimensions and layouts of released ternary models (docs/models.md). large-700m, 3b and 8b are
+# the older relu2 + sub-norm stand-ins of the same matrices, kept so earlier results stay comparable;
+# bitnet-3b, llama3-8b-1.58 and the falcon shapes have the released layouts.
 SHAPES: dict[str, Shape] = {
     s.name: s
     for s in (
-        Shape("tiny", 1024, 256, 688, 2, 4, 2, True, 512, 500000.0,
-              "tiny test shape for CI smoke runs"),
+        make_shape("tiny", 1024, 256, 688, 2, 4, 2, True, 512, 500000.0, "tiny test shape for CI smoke runs"),
         # every matrix row (256 or 768 weights) is whole 256-weight GGUF TQ2_0/TQ1_0 blocks, so
         # `--peers llamacpp` can be smoke-tested on it (tiny's 688-wide FFN rows cannot)
-        Shape("tiny-tq", 1024, 256, 768, 2, 4, 2, True, 512, 500000.0,
-              "tiny test shape whose rows are whole GGUF TQ blocks, for CI smoke runs with peers"),
-        Shape("large-700m", 32002, 1536, 4096, 24, 16, 16, True, 2048, 10000.0,
-              "1bitLLM/bitnet_b1_58-large dimensions"),
-        Shape("2b-4t", 128256, 2560, 6912, 30, 20, 5, True, 4096, 500000.0,
-              "microsoft/bitnet-b1.58-2B-4T"),
-        Shape("3b", 32002, 3200, 8640, 26, 32, 32, True, 2048, 10000.0,
-              "1bitLLM/bitnet_b1_58-3B dimensions"),
-        Shape("8b", 128256, 4096, 14336, 32, 32, 8, False, 8192, 500000.0,
-              "HF1BitLLM/Llama3-8B-1.58-100B-tokens dimensions"),
+        make_shape("tiny-tq", 1024, 256, 768, 2, 4, 2, True, 512, 500000.0,
+               "tiny test shape whose rows are whole GGUF TQ blocks, for CI smoke runs with peers"),
+        make_shape("large-700m", 32002, 1536, 4096, 24, 16, 16, True, 2048, 10000.0,
+               "1bitLLM/bitnet_b1_58-large dimensions"),
+        make_shape("2b-4t", 128256, 2560, 6912, 30, 20, 5, True, 4096, 500000.0, "microsoft/bitnet-b1.58-2B-4T"),
+        make_shape("3b", 32002, 3200, 8640, 26, 32, 32, True, 2048, 10000.0, "1bitLLM/bitnet_b1_58-3B dimensions"),
+        make_shape("8b", 128256, 4096, 14336, 32, 32, 8, False, 8192, 500000.0,
+               "HF1BitLLM/Llama3-8B-1.58-100B-tokens dimensions"),
+        make_shape("bitnet-3b", 32002, 3200, 8640, 26, 32, 32, True, 2048, 10000.0,
+               "1bitLLM/bitnet_b1_58-3B (SiLU, sub-norms, head_dim 100)", hidden_act="silu"),
+        make_llama_shape("llama3-8b-1.58", 128256, 4096, 14336, 32, 32, 8, False, 8192, 500000.0,
+               "HF1BitLLM/Llama3-8B-1.58-100B-tokens (untied, SiLU)", rms_norm_eps=1e-5),
+        make_llama_shape("falcon3-1b", 131072, 2048, 8192, 18, 8, 4, False, 8192, 1000042.0,
+               "tiiuae/Falcon3-1B-Instruct-1.58bit", head_dim=256),
+        make_llama_shape("falcon3-3b", 131072, 3072, 9216, 22, 12, 4, False, 32768, 1000042.0,
+               "tiiuae/Falcon3-3B-Instruct-1.58bit", head_dim=256),
+        make_llama_shape("falcon3-7b", 131072, 3072, 23040, 28, 12, 4, False, 32768, 1000042.0,
+                         "tiiuae/Falcon3-7B-Instruct-1.58bit", head_dim=256),
+        make_llama_shape("falcon3-10b", 131072, 3072, 23040, 40, 12, 4, False, 32768, 1000042.0,
+               "tiiuae/Falcon3-10B-Instruct-1.58bit", head_dim=256),
+        # approximate: dimensions not checked against the released config.json
+        make_llama_shape("falcon-e-3b", 32768, 2304, 9216, 32, 9, 3, False, 32768, 1000042.0,
+                         "tiiuae/Falcon-E-3B-Instruct (approximate dimensions)", head_dim=256),
     )
 }
 
-EMBEDDING, NORM, LINEAR = "embedding", "norm", "linear"
+EMBEDDING, NORM, LINEAR = arch.EMBEDDING, arch.NORM, arch.LINEAR
 
 
 @dataclass(frozen=True)
@@ -110,23 +133,13 @@ def tensor_plan(shape: Shape | str, head: str = "bf16", weights: str = "i2") -> 
     if weights not in WEIGHTS:
         raise ValueError(f"unknown synthetic weight encoding {weights!r} (known: {', '.join(WEIGHTS)})")
     s = get_shape(shape) if isinstance(shape, str) else shape
-    H, I, D = s.hidden_size, s.intermediate_size, s.head_dim
-    q, kv = s.n_heads * D, s.n_kv_heads * D
     head_enc = ff.ENCODING_Q8R if head == "q8" else ff.ENCODING_BF16
-    emb = head_enc if s.tied_embeddings else ff.ENCODING_BF16
-    plan = [PlannedTensor("model.embed_tokens.weight", EMBEDDING, emb, (s.vocab_size, H)),
-            PlannedTensor("model.norm.weight", NORM, ff.ENCODING_F32, (H,))]
-    if not s.tied_embeddings:
-        plan.append(PlannedTensor("lm_head.weight", EMBEDDING, head_enc, (s.vocab_size, H)))
-    for i in range(s.n_layers):
-        L = f"model.layers.{i}"
-        for suffix, n in (("input_layernorm", H), ("post_attention_layernorm", H),
-                          ("self_attn.attn_sub_norm", H), ("mlp.ffn_sub_norm", I)):
-            plan.append(PlannedTensor(f"{L}.{suffix}.weight", NORM, ff.ENCODING_F32, (n,)))
-        for suffix, dims in (("self_attn.q_proj", (q, H)), ("self_attn.k_proj", (kv, H)),
-                             ("self_attn.v_proj", (kv, H)), ("self_attn.o_proj", (H, q)),
-                             ("mlp.gate_proj", (I, H)), ("mlp.up_proj", (I, H)), ("mlp.down_proj", (H, I))):
-            plan.append(PlannedTensor(f"{L}.{suffix}.weight", LINEAR, ff.WEIGHT_ENCODINGS[weights], dims))
+    encodings = {NORM: ff.ENCODING_F32, LINEAR: ff.WEIGHT_ENCODINGS[weights]}
+    plan = []
+    for t in arch.tensor_plan(s.hp):
+        # the head in `head`; an untied embedding stays bf16 (only one row of it is read per token)
+        encoding = head_enc if t.name == arch.head_name(s.hp) else encodings.get(t.kind, ff.ENCODING_BF16)
+        plan.append(PlannedTensor(t.name, t.kind, encoding, t.shape))
     return plan
 
 
@@ -253,22 +266,11 @@ def write_synthetic(shape: Shape | str, path: str | os.PathLike, seed: int = 0,
     s = get_shape(shape) if isinstance(shape, str) else shape
     rng = np.random.default_rng(seed)
     w = ff.Writer()
-    w.add_string("general.architecture", "bitnet")
+    w.add_string("general.architecture", arch.ARCHITECTURE)
     w.add_string("general.name", f"synthetic-{s.name}")
     w.add_string("general.source", f"synthetic random ternary weights, shape {s.name} ({s.description}), seed {seed}")
     w.add_string("general.converter", f"bitnet-run {__version__}")
-    w.add_u32("bitnet.vocab_size", s.vocab_size)
-    w.add_u32("bitnet.hidden_size", s.hidden_size)
-    w.add_u32("bitnet.intermediate_size", s.intermediate_size)
-    w.add_u32("bitnet.n_layers", s.n_layers)
-    w.add_u32("bitnet.n_heads", s.n_heads)
-    w.add_u32("bitnet.n_kv_heads", s.n_kv_heads)
-    w.add_u32("bitnet.head_dim", s.head_dim)
-    w.add_u32("bitnet.context_length", s.context_length)
-    w.add_f32("bitnet.rms_norm_eps", 1e-5)
-    w.add_f32("bitnet.rope_theta", s.rope_theta)
-    w.add_string("bitnet.hidden_act", "relu2")
-    w.add_u32("bitnet.tied_embeddings", int(s.tied_embeddings))
+    arch.add_hyperparameters(w, s.hp)
     w.add_string("tokenizer.json", tokenizer_json())
     w.add_string("tokenizer.chat_template", "")
     w.add_i32("tokenizer.bos_id", 0)

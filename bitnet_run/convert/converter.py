@@ -8,9 +8,10 @@ from pathlib import Path
 from bitnet_run import __version__
 from bitnet_run import fileformat as ff
 
-from . import bitnet
+from . import arch
 from .checkpoint import Checkpoint
 from .hub import resolve_source
+from .tensors import add_tensors
 from .tokenizer import add_tokenizer_metadata
 
 MODEL_SUFFIX = ".bnr"
@@ -41,24 +42,34 @@ def convert_checkpoint(
     for a checkpoint it does not understand; nothing is left at `out` when conversion fails.
     Returns the path written.
     """
+    check_encodings(weights, head)
+    directory, source = resolve_source(src)
+    name = source.rstrip("/").split("/")[-1]
+    checkpoint = Checkpoint(directory)
+    family, hp, linears = arch.read_config(checkpoint.config)
+
+    writer = ff.Writer()
+    writer.add_string("general.architecture", arch.ARCHITECTURE)
+    writer.add_string("general.name", name)
+    writer.add_string("general.source", source)
+    writer.add_string("general.converter", f"bitnet-run {__version__}")
+    arch.add_hyperparameters(writer, hp)
+    add_tokenizer_metadata(writer, checkpoint, hp.vocab_size)
+    add_tensors(writer, checkpoint, family, hp, linears, weights, head)
+
+    return write_model(writer, out, name, progress)
+
+
+def check_encodings(weights: str, head: str | None) -> None:
     if weights not in ff.WEIGHT_ENCODINGS:
         raise ValueError(f"weights must be one of {WEIGHT_ENCODINGS}, got {weights!r}")
     if head is not None and head not in ff.HEAD_ENCODINGS:
         raise ValueError(f"head must be one of {HEAD_ENCODINGS} or None, got {head!r}")
-    directory, source = resolve_source(src)
-    name = source.rstrip("/").split("/")[-1]
-    checkpoint = Checkpoint(directory)
-    hp = bitnet.read_hyperparameters(checkpoint.config)
 
-    writer = ff.Writer()
-    writer.add_string("general.architecture", bitnet.ARCHITECTURE)
-    writer.add_string("general.name", name)
-    writer.add_string("general.source", source)
-    writer.add_string("general.converter", f"bitnet-run {__version__}")
-    bitnet.add_model_metadata(writer, hp)
-    add_tokenizer_metadata(writer, checkpoint, hp.vocab_size)
-    bitnet.add_tensors(writer, checkpoint, hp, weights, head)
 
+def write_model(writer: ff.Writer, out: str | Path, name: str,
+                progress: Callable[[int, int, str], None] | None = None) -> Path:
+    """writer.write into `out` (or `out`/<name>.bnr when `out` is a directory) atomically."""
     out = Path(out)
     if out.is_dir():
         out = out / (name + MODEL_SUFFIX)

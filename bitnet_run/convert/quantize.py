@@ -36,3 +36,10 @@ def absmean_ternary(weight: np.ndarray) -> tuple[np.ndarray, float]:
     gain = np.float32(1.0) / np.maximum(mean, np.float32(1e-5))
     ternary = np.clip(np.rint(weight * gain), -1, 1).astype(np.int8)
     return ternary, float(np.float32(1.0) / gain)
+
+
+def pack_transformers_ternary(ternary: np.ndarray) -> np.ndarray:
+    """Inverse of unpack_transformers_ternary: int8 [out, in] (out a multiple of 4) -> uint8 [out/4, in]."""
+    codes = (np.asarray(ternary, dtype=np.int8) + 1).astype(np.uint8)
+    blocks = codes.reshape(VALUES_PER_BYTE, codes.shape[0] // VALUES_PER_BYTE, codes.shape[1])
+    return blocks[0] | (blocks[1] << 2) | (blocks[2] << 4) | (blocks[3] << 6)

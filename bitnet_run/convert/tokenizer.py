@@ -7,10 +7,12 @@ from bitnet_run import fileformat as ff
 
 from .checkpoint import Checkpoint
 from .errors import ConversionError
+from .sentencepiece import tokenizer_json_from_model
 
 # Llama 3 ends a chat turn with this token rather than the config's eos; generation stops on both.
 END_OF_TURN = "<|eot_id|>"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+SENTENCEPIECE_FILE = "tokenizer.model"
 
 
 def _token_ids(tokenizer: dict) -> dict[str, int]:
@@ -71,9 +73,17 @@ def _special_id(config: dict, tokenizer_config: dict, ids: dict[str, int], kind:
 
 
 def add_tokenizer_metadata(writer: ff.Writer, checkpoint: Checkpoint, vocab_size: int) -> None:
+    tokenizer_config = checkpoint.read_json("tokenizer_config.json") or {}
     text = checkpoint.read_text("tokenizer.json")
+    if text is None and checkpoint.path(SENTENCEPIECE_FILE).is_file():
+        # Llama 1/2 style checkpoints (1bitLLM) ship only the sentencepiece model
+        text = tokenizer_json_from_model(checkpoint.path(SENTENCEPIECE_FILE).read_bytes(),
+                                         add_bos=tokenizer_config.get("add_bos_token", True) is True)
     if text is None:
-        raise ConversionError(f"tokenizer.json: not found in {checkpoint.directory} (expected a Hugging Face fast tokenizer)")
+        raise ConversionError(
+            f"tokenizer.json: not found in {checkpoint.directory} (expected a Hugging Face fast tokenizer or a "
+            f"sentencepiece {SENTENCEPIECE_FILE})"
+        )
     try:
         tokenizer = json.loads(text)
     except json.JSONDecodeError as e:
@@ -81,7 +91,6 @@ def add_tokenizer_metadata(writer: ff.Writer, checkpoint: Checkpoint, vocab_size
     if not isinstance(tokenizer, dict) or not isinstance(tokenizer.get("model"), dict):
         raise ConversionError("tokenizer.json: no 'model' object (expected a Hugging Face tokenizers file)")
     ids = _token_ids(tokenizer)
-    tokenizer_config = checkpoint.read_json("tokenizer_config.json") or {}
     generation_config = checkpoint.read_json("generation_config.json") or {}
 
     bos = _special_id(checkpoint.config, tokenizer_config, ids, "bos")
@@ -89,23 +98,27 @@ def add_tokenizer_metadata(writer: ff.Writer, checkpoint: Checkpoint, vocab_size
     if not eos:
         raise ConversionError("config.json: eos_token_id is missing and tokenizer_config.json names no eos_token")
     stop_ids = eos + _id_list("generation_config.json", "eos_token_id", generation_config.get("eos_token_id"))
-    if END_OF_TURN in ids:
-        stop_ids.append(ids[END_OF_TURN])
-    stop_ids = list(dict.fromkeys(stop_ids))  # unique, first occurrence order
-    for token_id in bos[:1] + stop_ids:
-        if token_id >= vocab_size:
-            raise ConversionError(f"config.json: special token id {token_id} is outside the vocabulary of {vocab_size}")
-
     add_bos = tokenizer_config.get("add_bos_token", bool(bos))
     if not isinstance(add_bos, bool):
         raise ConversionError(f"tokenizer_config.json: add_bos_token is {add_bos!r} (expected true or false)")
     if add_bos and not bos:
         raise ConversionError("tokenizer_config.json: add_bos_token is true but no bos token is defined")
+    add_tokenizer_keys(writer, "config.json", vocab_size, text, _chat_template(checkpoint, tokenizer_config),
+                       bos[0] if bos else None, stop_ids, add_bos, ids.get(END_OF_TURN))
 
-    writer.add_string("tokenizer.json", text)
-    writer.add_string("tokenizer.chat_template", _chat_template(checkpoint, tokenizer_config))
-    # -1: the checkpoint has no bos token (add_bos is then 0).
-    writer.add_i32("tokenizer.bos_id", bos[0] if bos else -1)
-    writer.add_i32("tokenizer.eos_id", eos[0])
+
+def add_tokenizer_keys(writer: ff.Writer, source: str, vocab_size: int, tokenizer_json: str, chat_template: str,
+                       bos: int | None, stop_ids: list[int], add_bos: bool, end_of_turn: int | None) -> None:
+    """The tokenizer.* keys of docs/format.md. stop_ids[0] is the eos token; generation also stops on
+    the others and on `end_of_turn` (Llama 3's <|eot_id|>, when the vocabulary has it)."""
+    stop_ids = list(dict.fromkeys(stop_ids + ([end_of_turn] if end_of_turn is not None else [])))
+    for token_id in ([bos] if bos is not None else []) + stop_ids:
+        if token_id >= vocab_size:
+            raise ConversionError(f"{source}: special token id {token_id} is outside the vocabulary of {vocab_size}")
+    writer.add_string("tokenizer.json", tokenizer_json)
+    writer.add_string("tokenizer.chat_template", chat_template)
+    # -1: the model has no bos token (add_bos is then 0).
+    writer.add_i32("tokenizer.bos_id", bos if bos is not None else -1)
+    writer.add_i32("tokenizer.eos_id", stop_ids[0])
     writer.add_i32_array("tokenizer.stop_ids", stop_ids)
     writer.add_u32("tokenizer.add_bos", int(add_bos))

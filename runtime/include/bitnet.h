@@ -29,6 +29,21 @@ typedef enum {
     BN_ERR_NOT_FOUND = 7    /* a metadata key is absent or has another type */
 } bn_status;
 
+/* Tensor encodings of the model file (docs/format.md); ids are never reused. */
+typedef enum {
+    BN_ENC_F32 = 0,
+    BN_ENC_F16 = 1,
+    BN_ENC_BF16 = 2,
+    BN_ENC_I2 = 3,  /* ternary, 4 codes (w+1) per byte along a row */
+    BN_ENC_TL1 = 4, /* ternary, weight pairs as 4-bit indices in tiles of 32 rows */
+    BN_ENC_TL2 = 5, /* ternary, weight triples as 4-bit index + sign bit in tiles of 32 rows */
+    BN_ENC_Q8R = 6, /* int8 rows with an f32 scale per row (the output head) */
+    BN_ENC_COUNT = 7
+} bn_encoding;
+
+/* The FFN gate's activation (metadata bitnet.hidden_act). */
+typedef enum { BN_ACT_RELU2 = 0, BN_ACT_SILU = 1 } bn_activation;
+
 typedef struct bn_model bn_model;
 typedef struct bn_context bn_context;
 
@@ -44,6 +59,11 @@ typedef struct {
     float rms_norm_eps;
     float rope_theta;
     uint32_t tied_embeddings;
+    /* What differs between the families (docs/format.md, "Architecture bitnet"): */
+    uint32_t hidden_act;           /* bn_activation of the gated FFN */
+    uint32_t sub_norms;            /* 1: an RMSNorm before o_proj and before down_proj */
+    float linear_norm_eps;         /* > 0: each BitLinear RMSNorms its own input first; 0: none */
+    uint32_t weight_scale_divides; /* 1: y = dot / (s * scale); 0: y = dot / s * scale */
 } bn_hparams;
 
 /* Library version string, e.g. "0.1.0". */
@@ -87,7 +107,7 @@ typedef enum { BN_KV_F16 = 0, BN_KV_F32 = 1 } bn_kv_type;
 typedef struct {
     uint32_t n_ctx;      /* positions per sequence; 0: min(model context_length, 4096) */
     uint32_t n_seq;      /* sequence slots; 0: 1 */
-    uint32_t n_threads;  /* 0: one per online CPU */
+    uint32_t n_threads;  /* 0: bn_default_n_threads() */
     bn_kv_type kv_type;  /* the cache's element type; default BN_KV_F16 (keys/values rounded to nearest even) */
 } bn_context_params;
 
@@ -196,66 +216,11 @@ bn_status bn_sampler_probs(bn_sampler *s, const float *logits, int32_t *ids, flo
 /* The n most likely tokens under log_softmax(logits) (raw logits, no sampling filters), by descending
  * logit (ties: lower id first); NaN logits are never listed. BN_ERR_ARG for n > n_vocab or NULLs. */
 bn_status bn_top_logprobs(const float *logits, uint32_t n_vocab, uint32_t n, int32_t *ids, float *logprobs);
-
-/* ---- memory bandwidth probe ---- */
-/* Best read bandwidth in GB/s (1e9 bytes/s) over `repeats` timed passes (0 counts as 1) of n_threads
- * threads (0: one per online CPU) summing a freshly allocated buffer of `bytes` bytes, each thread its
- * contiguous share. Make `bytes` much larger than the last-level cache (e.g. 512 MiB). Returns -1 when
- * the buffer or the threads cannot be allocated and -2 for bad arguments (too few bytes for the
- * threads, more than 1024 threads); never prints. */
-double bn_membw_read_gbps(uint64_t bytes, uint32_t n_threads, uint32_t repeats);
-/* ---- kernels (introspection, for tests and benchmarks) ---- */
-/* The weight-kernel variants usable on this CPU: index 0 is the scalar reference ("ref"), then from
- * slowest to fastest (e.g. "avx2"). Every variant gives bit-identical results to the reference. */
-uint32_t bn_kernels_count(void);
-/* A variant's name, NULL if variant >= bn_kernels_count(). */
-const char *bn_kernels_name(uint32_t variant);
-/* The index of the variant a new context would use now (honours BITNET_RUN_KERNELS=ref|avx2|avx512vnni). */
-uint32_t bn_kernels_selected(void);
-/* The CPU features detected, space-separated (e.g. "sse4.2 avx avx2 fma f16c"). */
-const char *bn_kernels_cpu_features(void);
-
-/* y[t][r] = sum_j x[t][j] * w[r][j] exactly, for t < n_tok, r < rows: x int8 [n_tok][cols], w I2
- * rows of ceil(cols/4) bytes (docs/format.md; code 3 counts as 0), y int32 [n_tok][rows]. Rows are
- * split over n_threads threads (0 or 1: the calling thread). BN_ERR_ARG for a bad variant. */
-bn_status bn_kernels_i2_matmul(uint32_t variant, uint32_t n_threads, int32_t *y, const int8_t *x, uint32_t n_tok,
-                               const uint8_t *w, uint32_t rows, uint32_t cols);
-/* The same for any ternary encoding: 3 (I2, as above), 4 (TL1) or 5 (TL2), w holding the whole
- * [rows][cols] matrix in that encoding's layout (docs/format.md; invalid indices count as 0).
- * BN_ERR_ARG for a bad variant or encoding. */
-bn_status bn_kernels_ternary_matmul(uint32_t variant, uint32_t encoding, uint32_t n_threads, int32_t *y,
-                                    const int8_t *x, uint32_t n_tok, const uint8_t *w, uint32_t rows, uint32_t cols);
-/* The same in float for a dense [rows][cols] matrix w of encoding 0 (F32), 1 (F16) or 2 (BF16). */
-bn_status bn_kernels_dense_matmul(uint32_t variant, uint32_t n_threads, float *y, const float *x, uint32_t n_tok,
-                                  const void *w, uint32_t encoding, uint32_t rows, uint32_t cols);
-/* The 8-bit output head: y[t][r] = ((float)dot / xs[t]) * scale[r], dot = sum_j x[t][j] * q[r][j]
- * exactly in int32, for t < n_tok, r < rows: x int8 [n_tok][cols] in [-127, 127] (-128 gives
- * BN_ERR_ARG), xs float [n_tok] the activations' scales, w the whole [rows][cols] Q8_R tensor
- * (encoding 6, docs/format.md: rows f32 scales, then rows x cols int8), y float [n_tok][rows].
- * BN_ERR_ARG for a bad variant. */
-bn_status bn_kernels_q8_matmul(uint32_t variant, uint32_t n_threads, float *y, const int8_t *x, const float *xs,
-                               uint32_t n_tok, const uint8_t *w, uint32_t rows, uint32_t cols);
-/* BitLinear activation quantization of n_rows rows x [n_rows][cols] into q int8 [n_rows][cols] and
- * the scales s [n_rows] (s = 127 / max(max|x|, 1e-5), q = clamp(round_half_even(x * s), -128, 127)).
- * BN_ERR_ARG for a bad variant. */
-bn_status bn_kernels_quantize_rows(uint32_t variant, int8_t *q, float *s, const float *x, uint32_t n_rows,
-                                   uint32_t cols);
-/* One attention head: out[D] = softmax(q . k_j * scale) . v_j over j < n_pos, with k and v
- * [n_pos][stride] floats (the head's D values first in each row, stride >= D). BN_ERR_ARG for a bad
- * variant or stride < D; BN_ERR_NOMEM when no scratch can be allocated. */
-bn_status bn_kernels_attention_head(uint32_t variant, float *out, const float *q, const float *k, const float *v,
-                                    uint64_t stride, uint32_t n_pos, uint32_t D, float scale);
-/* The same with k and v rounded to f16 (to nearest even, as the f16 KV cache stores them), then the
- * variant's f16 attention kernel: bit-identical to bn_kernels_attention_head on the rounded values. */
-bn_status bn_kernels_attention_head_f16(uint32_t variant, float *out, const float *q, const float *k, const float *v,
-                                        uint64_t stride, uint32_t n_pos, uint32_t D, float scale);
-/* Times `repeats` calls (after one warm-up) of a variant's kernel on random data of that shape:
- * encoding 3/4/5 (I2/TL1/TL2) for the ternary kernels, 0/1/2 for the dense one, 6 (Q8_R) for the q8 head
- * one; n_threads threads split the rows.
- * Cycles through enough weight copies to read at least min_weight_bytes (0: one copy, cache-warm).
- * seconds[repeats] receives each call's wall time. */
-bn_status bn_kernels_time(uint32_t variant, uint32_t encoding, uint32_t n_threads, uint32_t n_tok, uint32_t rows,
-                          uint32_t cols, uint32_t repeats, uint64_t min_weight_bytes, double *seconds);
+/* ---- threads ---- */
+/* The thread count that n_threads = 0 stands for: the physical cores this process may run on (its
+ * affinity mask, counted by core in the sysfs CPU topology; else the CPUs in the mask; else the
+ * online CPUs), at most 1024. */
+uint32_t bn_default_n_threads(void);
 /* CDEF-END */
 
 #ifdef __cplusplus

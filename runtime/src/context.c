@@ -5,11 +5,9 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "error.h"
 
-#define BN_MAX_THREADS 1024
 
 /* calloc of a count of elements given as uint64; NULL when it does not fit size_t or fails. */
 static void *alloc_array(uint64_t count, size_t elem) {
@@ -35,11 +33,11 @@ static void build_rope_tables(bn_context *ctx) {
 static int build_buffers(bn_context *ctx, uint32_t n_threads) {
     const bn_hparams *hp = &ctx->model->hp;
     const uint64_t H = hp->hidden_size, I = hp->intermediate_size, B = ctx->n_batch;
-    const uint64_t KV = (uint64_t)hp->n_kv_heads * hp->head_dim;
+    const uint64_t KV = (uint64_t)hp->n_kv_heads * hp->head_dim, Q = (uint64_t)hp->n_heads * hp->head_dim;
     const uint64_t cache = (uint64_t)hp->n_layers * ctx->n_seq * ctx->n_ctx * KV; /* < 2^58 by the bounds */
     const uint64_t rope = (uint64_t)ctx->n_ctx * (hp->head_dim / 2);
-    const uint64_t in_max = H > I ? H : I;
-    const uint64_t acc_cols = H + 2 * KV > 2 * I ? H + 2 * KV : 2 * I;
+    const uint64_t HQ = H > Q ? H : Q, in_max = HQ > I ? HQ : I;
+    const uint64_t fused = Q + 2 * KV > 2 * I ? Q + 2 * KV : 2 * I, acc_cols = fused > H ? fused : H;
     ctx->n_past = alloc_array(ctx->n_seq, sizeof(uint32_t));
     ctx->next_pos = alloc_array(ctx->n_seq, sizeof(uint32_t));
     ctx->key_cache = alloc_array(cache, ctx->kv_elem);
@@ -47,8 +45,8 @@ static int build_buffers(bn_context *ctx, uint32_t n_threads) {
     ctx->rope_cos = alloc_array(rope, sizeof(float));
     ctx->rope_sin = alloc_array(rope, sizeof(float));
     ctx->x = alloc_array(B * H, sizeof(float));
-    ctx->xb = alloc_array(B * H, sizeof(float));
-    ctx->q = alloc_array(B * H, sizeof(float));
+    ctx->xb = alloc_array(B * HQ, sizeof(float));
+    ctx->q = alloc_array(B * Q, sizeof(float));
     ctx->k = alloc_array(B * KV, sizeof(float));
     ctx->v = alloc_array(B * KV, sizeof(float));
     ctx->gate = alloc_array(B * I, sizeof(float));
@@ -102,10 +100,7 @@ bn_status bn_context_new_ext(const bn_model *model, const bn_context_params *par
     }
     *out = NULL;
     uint32_t n_threads = params->n_threads;
-    if (n_threads == 0) {
-        long online = sysconf(_SC_NPROCESSORS_ONLN);
-        n_threads = online < 1 ? 1 : online > BN_MAX_THREADS ? BN_MAX_THREADS : (uint32_t)online;
-    }
+    if (n_threads == 0) n_threads = bn_default_n_threads();
     if (n_threads > BN_MAX_THREADS) {
         bn_set_error(err, err_len, "bn_context_new: n_threads %" PRIu32 " is more than %d", n_threads,
                      BN_MAX_THREADS);

@@ -28,21 +28,22 @@ struct bn_context {
     uint64_t n_evaluated; /* tokens evaluated since creation, all sequences */
     float attn_scale;     /* head_dim^-0.5 */
 
-    /* H = hidden, I = intermediate, D = head_dim, KV = n_kv_heads * D, B = n_batch, T = threads */
+    /* H = hidden, I = intermediate, D = head_dim, Q = n_heads * D, KV = n_kv_heads * D, B = n_batch,
+     * T = threads */
     void *key_cache;    /* [n_layers][n_seq][n_ctx][KV] keys after RoPE, f16 or f32 (kv_type) */
     void *value_cache;  /* [n_layers][n_seq][n_ctx][KV] */
     float *rope_cos;    /* [n_ctx][D/2] */
     float *rope_sin;    /* [n_ctx][D/2] */
     float *x;           /* [B][H] residual stream */
-    float *xb;          /* [B][H] normed layer input, attention output, final norm */
-    float *q;           /* [B][H] queries after RoPE */
+    float *xb;          /* [B][max(H, Q)] normed layer input ([B][H]), attention output ([B][Q]), final norm */
+    float *q;           /* [B][Q] queries after RoPE */
     float *k;           /* [B][KV] keys of the chunk (after RoPE), before they go to the cache */
     float *v;           /* [B][KV] values of the chunk */
     float *gate;        /* [B][I] gate_proj output, then the gated product */
     float *up;          /* [B][I] up_proj output */
-    int8_t *xq;         /* [B][max(H, I)] quantized input of a BitLinear */
+    int8_t *xq;         /* [B][max(H, Q, I)] quantized input of a BitLinear */
     float *xs;          /* [B] its per-row scales s */
-    int32_t *acc;       /* [B][max(H + 2*KV, 2*I)] int32 results of one fused q/k/v or gate/up call */
+    int32_t *acc;       /* [B][max(Q + 2*KV, 2*I, H)] int32 results of one (fused q/k/v, gate/up) call */
     float *att;         /* [T][n_ctx] attention scores, a row per worker */
     uint32_t *chunk_seq; /* [B] sequence ids of a bn_eval chunk (all 0) */
     uint32_t *chunk_pos; /* [B] its positions */

@@ -1,8 +1,9 @@
-/* bn_decode / bn_eval: the BitNet b1.58 forward pass over a batch of tokens. A prompt, a single decoded
- * token and tokens of several sequences go through the same code: every op processes each token row
- * of the batch on its own (the BitLinears' integer dot products are exact, the float ops are per
- * row), except attention, which reads the cache of the row's sequence up to the row's position. So a
- * row's results do not depend on what else is in the batch. */
+/* bn_decode / bn_eval: the BitNet b1.58 forward pass over a batch of tokens, for every family the
+ * hyperparameters describe (activation, sub-norms, per-BitLinear input norms, weight-scale convention,
+ * head_dim). A prompt, a single decoded token and tokens of several sequences go through the same code:
+ * every op processes each token row of the batch on its own (the BitLinears' integer dot products are
+ * exact, the float ops are per row), except attention, which reads the cache of the row's sequence up
+ * to the row's position. So a row's results do not depend on what else is in the batch. */
 #include <inttypes.h>
 #include <string.h>
 
@@ -54,7 +55,7 @@ static void linear_worker(void *arg, uint32_t ith, uint32_t nth) {
             const int32_t *at = acc + (size_t)t * task->total_rows;
             float *yt = out->y + t * out->ldy;
             for (uint64_t r = r0; r < r1; r++) {
-                float v = bn_bitlinear_output(at[r], task->xs[t], w->scale);
+                float v = bn_bitlinear_output(at[r], task->xs[t], w->scale, w->scale_divides);
                 yt[r] = out->accumulate ? yt[r] + v : v;
             }
         }
@@ -62,8 +63,9 @@ static void linear_worker(void *arg, uint32_t ith, uint32_t nth) {
 }
 
 /* The input side of a BitLinear, per token row t < n (rows ld apart):
- *   [src_t = relu(src_t)^2 * up_t]  (the FFN's gate, when up is not NULL)
- *   dst_t = rmsnorm(src_t) * norm
+ *   [src_t = act(src_t) * up_t]              (the FFN's gate, when up is not NULL)
+ *   dst_t = rmsnorm(src_t) * norm            (when norm is not NULL; else dst is src)
+ *   [dst_t = rmsnorm(dst_t) * linear_norm]   (the BitLinear's own input norm, when not NULL)
  *   ctx->xq_t, ctx->xs[t] = the int8 quantization of dst_t. */
 typedef struct {
     bn_context *ctx;
@@ -74,24 +76,40 @@ typedef struct {
     size_t ld;
     uint32_t n;
     uint32_t cols;
+    const float *linear_norm; /* [cols] or NULL */
 } input_task;
 
 static void input_worker(void *arg, uint32_t ith, uint32_t nth) {
     const input_task *task = arg;
     bn_context *ctx = task->ctx;
-    const float eps = ctx->model->hp.rms_norm_eps;
+    const bn_hparams *hp = &ctx->model->hp;
     uint64_t t0, t1;
     bn_split(task->n, ith, nth, &t0, &t1);
     for (uint64_t t = t0; t < t1; t++) {
         float *src = task->src + t * task->ld, *dst = task->dst + t * task->ld;
-        if (task->up) bn_relu2_gate(src, task->up + t * task->ld, task->cols);
-        bn_rmsnorm(dst, src, task->norm, task->cols, eps);
+        if (task->up && hp->hidden_act == BN_ACT_SILU) bn_silu_gate(src, task->up + t * task->ld, task->cols);
+        else if (task->up) bn_relu2_gate(src, task->up + t * task->ld, task->cols);
+        if (task->norm) bn_rmsnorm(dst, src, task->norm, task->cols, hp->rms_norm_eps);
+        if (task->linear_norm) bn_rmsnorm(dst, dst, task->linear_norm, task->cols, hp->linear_norm_eps);
         ctx->xs[t] = ctx->kern->quantize_row(ctx->xq + t * task->cols, dst, task->cols);
     }
 }
 
-/* Prepares the input (above), split by tokens, then runs the BitLinears `outs` on it, split by rows. */
+/* Prepares the input (above), split by tokens, then runs the BitLinears `outs` on it, split by rows.
+ * BitLinears with their own input norms each quantize their own input, so they run one at a time
+ * (the input recomputed from src each time: src must not be dst then). */
 static void bitlinear(bn_context *ctx, const input_task *input, const linear_out *outs, uint32_t n_out) {
+    if (outs[0].w->input_norm) {
+        for (uint32_t o = 0; o < n_out; o++) {
+            input_task own = *input;
+            own.linear_norm = outs[o].w->input_norm;
+            if (own.n > 1) bn_pool_run(ctx->pool, input_worker, &own);
+            else input_worker(&own, 0, 1);
+            linear_task task = {ctx->kern, ctx->xq, ctx->xs, own.n, own.cols, ctx->acc, outs[o].w->rows, 1, {outs[o]}};
+            bn_pool_run(ctx->pool, linear_worker, &task);
+        }
+        return;
+    }
     if (input->n > 1) bn_pool_run(ctx->pool, input_worker, (void *)input);
     else input_worker((void *)input, 0, 1);
     linear_task task = {ctx->kern, ctx->xq, ctx->xs, input->n, input->cols, ctx->acc, 0, n_out, {{0}}};
@@ -116,14 +134,14 @@ static void attention_worker(void *arg, uint32_t ith, uint32_t nth) {
     const attention_task *task = arg;
     bn_context *ctx = task->ctx;
     const bn_hparams *hp = &ctx->model->hp;
-    const uint32_t H = hp->hidden_size, D = hp->head_dim, group = hp->n_heads / hp->n_kv_heads;
+    const uint32_t D = hp->head_dim, Q = hp->n_heads * D, group = hp->n_heads / hp->n_kv_heads;
     const uint64_t KV = (uint64_t)hp->n_kv_heads * D;
     float *att = ctx->att + (uint64_t)ith * ctx->n_ctx; /* [n_ctx] this worker's scores */
     uint64_t i0, i1;
     bn_split((uint64_t)task->n_tok * hp->n_heads, ith, nth, &i0, &i1);
     for (uint64_t i = i0; i < i1; i++) {
         const uint32_t t = (uint32_t)(i / hp->n_heads), h = (uint32_t)(i % hp->n_heads);
-        const uint64_t row = (uint64_t)t * H + (uint64_t)h * D;
+        const uint64_t row = (uint64_t)t * Q + (uint64_t)h * D;
         /* the head's kv group in row 0 of the sequence's cache: [n_pos][KV] rows from there */
         const uint64_t kv = bn_kv_offset(ctx, task->layer, task->seq[t], 0) + (h / group) * D * ctx->kv_elem;
         const char *kc = (const char *)ctx->key_cache + kv, *vc = (const char *)ctx->value_cache + kv;
@@ -181,39 +199,41 @@ static void head_worker(void *arg, uint32_t ith, uint32_t nth) {
                                  w->cols, (uint32_t)r0, (uint32_t)r1);
 }
 
-/* h = x + o_proj(attn_sub_norm(attention(input_layernorm(x)))), the rows' keys/values cached. */
+/* h = x + o_proj([attn_sub_norm](attention(input_layernorm(x)))), the rows' keys/values cached
+ * (each BitLinear first RMSNorms its input with its own weight when the model has such norms). */
 static void attention_block(bn_context *ctx, uint32_t il, uint32_t n, const uint32_t *seq, const uint32_t *pos) {
     const bn_hparams *hp = &ctx->model->hp;
     const bn_layer_weights *L = &ctx->model->w.layers[il];
-    const uint32_t H = hp->hidden_size, D = hp->head_dim, half = D / 2;
+    const uint32_t H = hp->hidden_size, D = hp->head_dim, Q = hp->n_heads * D, half = D / 2;
     const uint64_t KV = (uint64_t)hp->n_kv_heads * D;
 
-    const input_task qkv_in = {ctx, ctx->x, NULL, L->attn_norm, ctx->xb, H, n, H};
-    const linear_out qkv[3] = {{&L->q, ctx->q, H, 0}, {&L->k, ctx->k, KV, 0}, {&L->v, ctx->v, KV, 0}};
+    const input_task qkv_in = {ctx, ctx->x, NULL, L->attn_norm, ctx->xb, H, n, H, NULL};
+    const linear_out qkv[3] = {{&L->q, ctx->q, Q, 0}, {&L->k, ctx->k, KV, 0}, {&L->v, ctx->v, KV, 0}};
     bitlinear(ctx, &qkv_in, qkv, 3);
     for (uint32_t t = 0; t < n; t++) {
         const float *c = ctx->rope_cos + (uint64_t)pos[t] * half, *s = ctx->rope_sin + (uint64_t)pos[t] * half;
-        bn_rope(ctx->q + t * H, hp->n_heads, D, c, s);
+        bn_rope(ctx->q + t * Q, hp->n_heads, D, c, s);
         bn_rope(ctx->k + t * KV, hp->n_kv_heads, D, c, s);
     }
     store_kv(ctx, il, n, seq, pos);
     attention_task task = {ctx, il, n, seq, pos};
     bn_pool_run(ctx->pool, attention_worker, &task);
-    const input_task o_in = {ctx, ctx->xb, NULL, L->attn_sub_norm, ctx->xb, H, n, H};
+    const input_task o_in = {ctx, ctx->xb, NULL, L->attn_sub_norm, ctx->xb, Q, n, Q, NULL};
     const linear_out o = {&L->o, ctx->x, H, 1};
     bitlinear(ctx, &o_in, &o, 1);
 }
 
-/* x = h + down_proj(ffn_sub_norm(relu(gate_proj(n))^2 * up_proj(n))), n = post_attention_layernorm(h). */
+/* x = h + down_proj([ffn_sub_norm](act(gate_proj(n)) * up_proj(n))), n = post_attention_layernorm(h),
+ * act = relu^2 or SiLU. */
 static void ffn_block(bn_context *ctx, uint32_t il, uint32_t n) {
     const bn_hparams *hp = &ctx->model->hp;
     const bn_layer_weights *L = &ctx->model->w.layers[il];
     const uint32_t H = hp->hidden_size, I = hp->intermediate_size;
 
-    const input_task gate_up_in = {ctx, ctx->x, NULL, L->ffn_norm, ctx->xb, H, n, H};
+    const input_task gate_up_in = {ctx, ctx->x, NULL, L->ffn_norm, ctx->xb, H, n, H, NULL};
     const linear_out gate_up[2] = {{&L->gate, ctx->gate, I, 0}, {&L->up, ctx->up, I, 0}};
     bitlinear(ctx, &gate_up_in, gate_up, 2);
-    const input_task down_in = {ctx, ctx->gate, ctx->up, L->ffn_sub_norm, ctx->gate, I, n, I};
+    const input_task down_in = {ctx, ctx->gate, ctx->up, L->ffn_sub_norm, ctx->gate, I, n, I, NULL};
     const linear_out down = {&L->down, ctx->x, H, 1};
     bitlinear(ctx, &down_in, &down, 1);
 }

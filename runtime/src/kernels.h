@@ -30,21 +30,10 @@ static inline size_t bn_tl2_tile_bytes(uint32_t cols) {
     const uint32_t groups = (cols / 3 + 1) / 2;
     return (size_t)BN_TL2_GROUP_BYTES * groups + (cols % 3 ? BN_TL_TILE : 0);
 }
-/* Bytes of a [rows][cols] ternary matrix in encoding I2, TL1 or TL2 (0 for any other encoding). */
-static inline uint64_t bn_ternary_nbytes(uint32_t encoding, uint32_t rows, uint32_t cols) {
-    const uint64_t tiles = ((uint64_t)rows + BN_TL_TILE - 1) / BN_TL_TILE;
-    switch (encoding) {
-    case BN_ENC_I2: return (uint64_t)rows * ((cols + 3) / 4);
-    case BN_ENC_TL1: return tiles * bn_tl1_tile_bytes(cols);
-    case BN_ENC_TL2: return tiles * bn_tl2_tile_bytes(cols);
-    default: return 0;
-    }
-}
-
 /* ---- the Q8_R layout (docs/format.md) ----
  * A [rows][cols] matrix as rows f32 row scales (4 * rows bytes, at the tensor's aligned start), then
- * rows x cols int8 (row-major, no padding); element (r, j) stands for q[r][j] * scale[r]. */
-static inline uint64_t bn_q8r_nbytes(uint32_t rows, uint32_t cols) { return 4 * (uint64_t)rows + (uint64_t)rows * cols; }
+ * rows x cols int8 (row-major, no padding); element (r, j) stands for q[r][j] * scale[r]. Sizes of every
+ * layout: bn_encodings (model_file.h). */
 static inline const float *bn_q8r_scales(const void *data) { return (const float *)data; }
 static inline const int8_t *bn_q8r_rows(const void *data, uint32_t rows) {
     return (const int8_t *)data + 4 * (size_t)rows;
@@ -107,18 +96,29 @@ extern const bn_kernels bn_kernels_ref;
 /* AVX2 (+F16C) variant, runtime/src/arch/x86/kernels_avx2.c; compiled with target attributes, so the
  * default build stays portable. Call only when bn_cpu_get_features() reports avx2 and f16c. */
 extern const bn_kernels bn_kernels_avx2;
+/* AVX-VNNI variant (its own I2 GEMM with ymm vpdpbusd, the AVX2 kernels otherwise),
+ * kernels_avxvnni.c. Call only when bn_cpu_get_features() reports avxvnni and what AVX2 needs. */
+extern const bn_kernels bn_kernels_avxvnni;
 /* AVX-512 VNNI variant (its own I2 GEMM, the AVX2 kernels otherwise), kernels_avx512vnni.c. Call
  * only when bn_cpu_get_features() reports avx512bw and avx512vnni, and what the AVX2 variant needs. */
 extern const bn_kernels bn_kernels_avx512vnni;
 #endif
 
-/* The variants usable on this CPU, index 0 the reference, then from slowest to fastest. */
+#if defined(__aarch64__)
+/* NEON variant, runtime/src/arch/arm/kernels_neon.c: usable on every AArch64 CPU (asimd). */
+extern const bn_kernels bn_kernels_neon;
+/* The same with SDOT for the int8 dot products (I2, Q8_R); only when the CPU reports asimddp. */
+extern const bn_kernels bn_kernels_neon_dotprod;
+#endif
+
+/* The variants usable on this CPU whose tables are complete (every entry set), index 0 the reference,
+ * then from slowest to fastest. */
 uint32_t bn_kernels_n_available(void);
 const bn_kernels *bn_kernels_available(uint32_t i); /* NULL if i is out of range */
 
 /* The kernels the runtime uses on this CPU (the only place where a variant is chosen): the fastest
- * available one, unless the environment variable BITNET_RUN_KERNELS names one (ref, avx2, avx512vnni); a name
- * that is unknown or not usable on this CPU gives the reference. */
+ * available one, unless the environment variable BITNET_RUN_KERNELS names one (ref, avx2, avxvnni,
+ * avx512vnni, neon, neon-dotprod); a name that is unknown or not usable on this CPU gives the reference. */
 const bn_kernels *bn_kernels_select(void);
 
 #endif

@@ -4,7 +4,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "bitnet.h"
+#include "bitnet_dev.h"
 #include "cpu.h"
 #include "kernels.h"
 #include "model_file.h"
@@ -154,9 +154,8 @@ bn_status bn_kernels_time(uint32_t variant, uint32_t encoding, uint32_t n_thread
     const bn_kernels *k = bn_kernels_available(variant);
     if (!k || encoding >= BN_ENC_COUNT || !seconds || rows == 0 || cols == 0 || n_tok == 0) return BN_ERR_ARG;
     const int q8 = encoding == BN_ENC_Q8R, ternary = BN_ENC_IS_TERNARY(encoding);
-    const size_t w_bytes = ternary ? (size_t)bn_ternary_nbytes(encoding, rows, cols)
-                           : q8    ? (size_t)bn_q8r_nbytes(rows, cols)
-                                   : (size_t)rows * cols * (encoding == BN_ENC_F32 ? 4 : 2);
+    const uint64_t dims[2] = {rows, cols};
+    const size_t w_bytes = (size_t)bn_encodings[encoding].nbytes(dims, (uint64_t)rows * cols);
     size_t copies = min_weight_bytes > w_bytes ? (size_t)((min_weight_bytes + w_bytes - 1) / w_bytes) : 1;
     const size_t x_size = ternary || q8 ? 1 : sizeof(float), y_size = 4;
     unsigned char *w = malloc(w_bytes * copies);

@@ -8,13 +8,15 @@
 #include "model_file.h"
 
 /* Ternary BitLinear weight [rows][cols] in encoding I2, TL1 or TL2 (kernels.h, docs/format.md);
- * y = dot(q, w) / s * scale. */
+ * y = dot(q, w) / s * scale, or dot(q, w) / (s * scale) when scale_divides. */
 typedef struct {
     const uint8_t *data;
     uint32_t encoding; /* BN_ENC_I2, BN_ENC_TL1 or BN_ENC_TL2 */
     uint32_t rows;     /* out_features */
     uint32_t cols;     /* in_features */
     float scale;
+    uint32_t scale_divides;   /* hparams.weight_scale_divides */
+    const float *input_norm;  /* [cols] the RMSNorm this BitLinear applies to its input first, or NULL */
 } bn_ternary_weight;
 
 /* Float matrix [rows][cols] in F32, F16 or BF16 (embedding, output head). */
@@ -25,17 +27,18 @@ typedef struct {
     uint32_t cols;
 } bn_dense_weight;
 
+/* Q = n_heads * D (the queries and the attention output), KV = n_kv_heads * D. */
 typedef struct {
     const float *attn_norm;     /* [H] input_layernorm */
-    bn_ternary_weight q;        /* [n_heads*D, H] */
-    bn_ternary_weight k;        /* [n_kv_heads*D, H] */
-    bn_ternary_weight v;        /* [n_kv_heads*D, H] */
-    const float *attn_sub_norm; /* [H] */
-    bn_ternary_weight o;        /* [H, n_heads*D] */
+    bn_ternary_weight q;        /* [Q, H] */
+    bn_ternary_weight k;        /* [KV, H] */
+    bn_ternary_weight v;        /* [KV, H] */
+    const float *attn_sub_norm; /* [Q], NULL without sub-norms */
+    bn_ternary_weight o;        /* [H, Q] */
     const float *ffn_norm;      /* [H] post_attention_layernorm */
     bn_ternary_weight gate;     /* [I, H] */
     bn_ternary_weight up;       /* [I, H] */
-    const float *ffn_sub_norm;  /* [I] */
+    const float *ffn_sub_norm;  /* [I], NULL without sub-norms */
     bn_ternary_weight down;     /* [H, I] */
 } bn_layer_weights;
 

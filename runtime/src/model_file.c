@@ -1,5 +1,7 @@
 #include "model_file.h"
 
+#include "bitnet_dev.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -69,6 +71,28 @@ static int take_name(reader *r, const char **name, uint32_t *len) {
     return 1;
 }
 
+/* Strict UTF-8 (no overlong forms, surrogates or code points past U+10FFFF), as Python decodes it:
+ * string values must be text for every reader of the file. */
+static int utf8_valid(const uint8_t *s, uint64_t n) {
+    for (uint64_t i = 0; i < n;) {
+        const uint8_t c = s[i];
+        uint32_t len, cp, min;
+        if (c < 0x80) { i++; continue; }
+        if ((c & 0xE0) == 0xC0) len = 2, cp = c & 0x1F, min = 0x80;
+        else if ((c & 0xF0) == 0xE0) len = 3, cp = c & 0x0F, min = 0x800;
+        else if ((c & 0xF8) == 0xF0) len = 4, cp = c & 0x07, min = 0x10000;
+        else return 0;
+        if (len > n - i) return 0;
+        for (uint32_t k = 1; k < len; k++) {
+            if ((s[i + k] & 0xC0) != 0x80) return 0;
+            cp = (cp << 6) | (s[i + k] & 0x3F);
+        }
+        if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return 0;
+        i += len;
+    }
+    return 1;
+}
+
 static int name_cmp(const char *a, uint32_t alen, const char *b, uint32_t blen) {
     int c = memcmp(a, b, alen < blen ? alen : blen);
     if (c != 0) return c;
@@ -90,9 +114,36 @@ const char *bn_meta_type_name(uint32_t type) {
     return type < BN_META_N_TYPES ? names[type] : "unknown";
 }
 
+/* ---- the encodings table ---- */
+
+static uint64_t nbytes_f32(const uint64_t *dims, uint64_t numel) { return numel <= UINT64_MAX / 4 ? 4 * numel : 0; }
+static uint64_t nbytes_16bit(const uint64_t *dims, uint64_t numel) { return numel <= UINT64_MAX / 2 ? 2 * numel : 0; }
+static uint64_t nbytes_i2(const uint64_t *dims, uint64_t numel) { return dims[0] * ((dims[1] + 3) / 4); } /* <= numel */
+/* < 2 * numel + 32 * 40 for the dims the kernels take (32-bit rows and columns) */
+static uint64_t nbytes_tl1(const uint64_t *dims, uint64_t numel) {
+    if (dims[0] > UINT32_MAX || dims[1] > UINT32_MAX) return 0;
+    return (dims[0] + BN_TL_TILE - 1) / BN_TL_TILE * bn_tl1_tile_bytes((uint32_t)dims[1]);
+}
+static uint64_t nbytes_tl2(const uint64_t *dims, uint64_t numel) {
+    if (dims[0] > UINT32_MAX || dims[1] > UINT32_MAX) return 0;
+    return (dims[0] + BN_TL_TILE - 1) / BN_TL_TILE * bn_tl2_tile_bytes((uint32_t)dims[1]);
+}
+static uint64_t nbytes_q8r(const uint64_t *dims, uint64_t numel) { /* 4 * rows + numel <= 5 * numel */
+    return numel <= UINT64_MAX / 5 ? 4 * dims[0] + numel : 0;
+}
+
+const bn_encoding_traits bn_encodings[BN_ENC_COUNT] = {
+    [BN_ENC_F32] = {"F32", BN_KIND_FLOAT, 0, 1, nbytes_f32},
+    [BN_ENC_F16] = {"F16", BN_KIND_FLOAT, 0, 1, nbytes_16bit},
+    [BN_ENC_BF16] = {"BF16", BN_KIND_FLOAT, 0, 1, nbytes_16bit},
+    [BN_ENC_I2] = {"I2", BN_KIND_TERNARY, 2, 1, nbytes_i2},
+    [BN_ENC_TL1] = {"TL1", BN_KIND_TERNARY, 2, BN_TL_TILE, nbytes_tl1},
+    [BN_ENC_TL2] = {"TL2", BN_KIND_TERNARY, 2, BN_TL_TILE, nbytes_tl2},
+    [BN_ENC_Q8R] = {"Q8_R", BN_KIND_Q8, 2, 1, nbytes_q8r},
+};
+
 const char *bn_encoding_name(uint32_t encoding) {
-    static const char *names[BN_ENC_COUNT] = {"F32", "F16", "BF16", "I2", "TL1", "TL2", "Q8_R"};
-    return encoding < BN_ENC_COUNT ? names[encoding] : "unknown";
+    return encoding < BN_ENC_COUNT ? bn_encodings[encoding].name : "unknown";
 }
 
 void bn_format_shape(char *buf, size_t len, const uint64_t *dims, uint32_t n_dims) {
@@ -134,6 +185,11 @@ static bn_status parse_meta(bn_file *f, reader *r, const char *path, char *err, 
             if (m->count > (r->end - r->pos) / elem) goto truncated;
         }
         if ((m->value = take(r, m->count * elem)) == NULL) goto truncated;
+        if (m->type == BN_META_STR && !utf8_valid(m->value, m->count)) {
+            bn_set_error(err, err_len, "%s: metadata key '%.*s': string is not valid UTF-8", path, (int)m->key_len,
+                         m->key);
+            return BN_ERR_FORMAT;
+        }
         continue;
     truncated:
         bn_set_error(err, err_len,
@@ -151,24 +207,6 @@ static bn_status parse_meta(bn_file *f, reader *r, const char *path, char *err, 
         }
     }
     return BN_OK;
-}
-
-/* Bytes the encoding implies for the shape; 0 on overflow (numel is known to be >= 1). */
-static uint64_t implied_nbytes(const bn_tensor_rec *t) {
-    switch (t->encoding) {
-    case BN_ENC_F32: return t->numel <= UINT64_MAX / 4 ? 4 * t->numel : 0;
-    case BN_ENC_F16:
-    case BN_ENC_BF16: return t->numel <= UINT64_MAX / 2 ? 2 * t->numel : 0;
-    case BN_ENC_I2: return t->dims[0] * ((t->dims[1] + 3) / 4); /* <= numel: no overflow */
-    case BN_ENC_TL1:
-    case BN_ENC_TL2: /* < 2 * numel + 32 * 40: no overflow for the dims a tensor can have */
-        if (t->dims[0] > UINT32_MAX || t->dims[1] > UINT32_MAX) return 0;
-        return bn_ternary_nbytes(t->encoding, (uint32_t)t->dims[0], (uint32_t)t->dims[1]);
-    case BN_ENC_Q8R: /* 4 * rows + numel <= 5 * numel */
-        if (t->n_dims != 2 || t->numel > UINT64_MAX / 5) return 0;
-        return 4 * t->dims[0] + t->numel;
-    default: return 0;
-    }
 }
 
 /* Everything about one tensor record that does not depend on the architecture. */
@@ -189,12 +227,13 @@ static bn_status check_tensor(bn_file *f, bn_tensor_rec *t, const char *path, ch
         }
         t->numel *= t->dims[d];
     }
-    if ((BN_ENC_IS_TERNARY(t->encoding) || t->encoding == BN_ENC_Q8R) && t->n_dims != 2) {
-        bn_set_error(err, err_len, "%s: tensor '%.*s': encoding %s needs 2 dimensions, shape is %s", path, nl,
-                     t->name, bn_encoding_name(t->encoding), shape);
+    const bn_encoding_traits *enc = &bn_encodings[t->encoding];
+    if (enc->n_dims && t->n_dims != enc->n_dims) {
+        bn_set_error(err, err_len, "%s: tensor '%.*s': encoding %s needs %" PRIu32 " dimensions, shape is %s", path,
+                     nl, t->name, enc->name, enc->n_dims, shape);
         return BN_ERR_FORMAT;
     }
-    uint64_t need = implied_nbytes(t);
+    uint64_t need = enc->nbytes(t->dims, t->numel);
     if (need == 0 || t->nbytes != need) {
         bn_set_error(err, err_len,
                      "%s: tensor '%.*s': nbytes %" PRIu64 " but encoding %s with shape %s needs %" PRIu64, path,
@@ -395,3 +434,26 @@ const bn_tensor_rec *bn_file_tensor(const bn_file *f, const char *name) {
     bn_tensor_rec probe = {.name = name, .name_len = (uint32_t)n};
     return bsearch(&probe, f->tensors, f->n_tensors, sizeof *f->tensors, tensor_cmp);
 }
+
+/* ---- the development API's view of the format (bitnet_dev.h) ---- */
+
+bn_status bn_file_validate(const char *path, char *err, size_t err_len) {
+    bn_file f;
+    if (path == NULL) return BN_ERR_ARG;
+    bn_status st = bn_file_open(&f, path, err, err_len);
+    if (st == BN_OK) bn_file_close(&f);
+    return st;
+}
+
+uint64_t bn_encoding_nbytes(uint32_t encoding, uint32_t n_dims, const uint64_t *dims) {
+    if (encoding >= BN_ENC_COUNT || dims == NULL || n_dims < 1 || n_dims > BN_MAX_DIMS) return 0;
+    if (bn_encodings[encoding].n_dims && n_dims != bn_encodings[encoding].n_dims) return 0;
+    uint64_t numel = 1;
+    for (uint32_t d = 0; d < n_dims; d++) {
+        if (dims[d] == 0 || dims[d] > UINT64_MAX / numel) return 0;
+        numel *= dims[d];
+    }
+    return bn_encodings[encoding].nbytes(dims, numel);
+}
+
+const char *bn_encoding_label(uint32_t encoding) { return bn_encoding_name(encoding); }

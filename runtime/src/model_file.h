@@ -27,19 +27,22 @@ typedef enum {
     BN_META_N_TYPES
 } bn_meta_type;
 
-typedef enum {
-    BN_ENC_F32 = 0,
-    BN_ENC_F16 = 1,
-    BN_ENC_BF16 = 2,
-    BN_ENC_I2 = 3,  /* 2-D ternary, rows of ceil(cols/4) bytes, 4 codes (w+1) per byte, lowest bits first */
-    BN_ENC_TL1 = 4, /* 2-D ternary, weight pairs as 4-bit indices in tiles of 32 rows (kernels.h) */
-    BN_ENC_TL2 = 5, /* 2-D ternary, weight triples as 4-bit index + sign bit in tiles of 32 rows (kernels.h) */
-    BN_ENC_Q8R = 6, /* 2-D int8 per row: rows f32 row scales, then rows x cols int8 (kernels.h) */
-    BN_ENC_COUNT
-} bn_encoding;
+/* What the loader, the kernels and the tools know about an encoding (bn_encoding, bitnet.h): one
+ * entry per id in bn_encodings (model_file.c); fileformat.ENCODINGS is the same table in Python. */
+typedef enum { BN_KIND_FLOAT, BN_KIND_TERNARY, BN_KIND_Q8 } bn_encoding_kind;
 
-/* The ternary (BitLinear) weight encodings. */
-#define BN_ENC_IS_TERNARY(e) ((e) == BN_ENC_I2 || (e) == BN_ENC_TL1 || (e) == BN_ENC_TL2)
+typedef struct {
+    const char *name;      /* as docs/format.md writes it */
+    bn_encoding_kind kind; /* dense float, ternary BitLinear weight, or int8 rows (the head) */
+    uint32_t n_dims;       /* 2: 2-D tensors only; 0: any */
+    uint32_t tile_rows;    /* rows its layout groups together (the last group padded) */
+    /* Bytes of a tensor of this shape (numel >= 1 elements); 0 when they do not fit 64 bits. */
+    uint64_t (*nbytes)(const uint64_t *dims, uint64_t numel);
+} bn_encoding_traits;
+
+extern const bn_encoding_traits bn_encodings[BN_ENC_COUNT];
+
+#define BN_ENC_IS_TERNARY(e) ((e) < BN_ENC_COUNT && bn_encodings[(e)].kind == BN_KIND_TERNARY)
 
 typedef struct {
     const char *key; /* into the map, key_len bytes, not NUL-terminated */
@@ -82,7 +85,7 @@ const bn_meta *bn_file_meta(const bn_file *f, const char *key);
 const bn_tensor_rec *bn_file_tensor(const bn_file *f, const char *name);
 
 const char *bn_meta_type_name(uint32_t type);
-const char *bn_encoding_name(uint32_t encoding);
+const char *bn_encoding_name(uint32_t encoding); /* "unknown" for an unknown id */
 /* "[d0, d1, ...]" into buf. */
 void bn_format_shape(char *buf, size_t len, const uint64_t *dims, uint32_t n_dims);
 

@@ -22,9 +22,12 @@ void bn_rmsnorm(float *out, const float *x, const float *w, uint32_t n, float ep
  * quantize_row (kernels.h). */
 float bn_quantize_row_i8(int8_t *q, const float *x, uint32_t n);
 
-/* A BitLinear output from its exact integer dot product: dot / s * scale, in that order (float32),
- * with s the activation scale of the row and scale the tensor's weight scale. */
-static inline float bn_bitlinear_output(int32_t dot, float s, float scale) { return ((float)dot / s) * scale; }
+/* A BitLinear output from its exact integer dot product, with s the activation scale of the row and
+ * scale the tensor's weight scale, in float32 in transformers' order: dot / s * scale (autobitlinear,
+ * and master weights), or dot / (s * scale) when `divides` (bitlinear, whose weight_scale is inverted). */
+static inline float bn_bitlinear_output(int32_t dot, float s, float scale, uint32_t divides) {
+    return divides ? (float)dot / (s * scale) : ((float)dot / s) * scale;
+}
 /* The same, clamped to [-127, 127] (the Q8_R head's activations; identical for finite x, where
  * |x * s| <= 127 already, and keeps a NaN row inside the kernel contract). */
 float bn_quantize_row_i8_sym(int8_t *q, const float *x, uint32_t n);
@@ -55,5 +58,7 @@ void bn_attention_head_f16(float *out, const float *q, const uint16_t *k, const 
 
 /* g[n] = relu(g)^2 * u (squared-ReLU gate). */
 void bn_relu2_gate(float *restrict g, const float *restrict u, uint32_t n);
+/* g[n] = silu(g) * u = g / (1 + exp(-g)) * u (SiLU gate, as torch computes silu in float32). */
+void bn_silu_gate(float *restrict g, const float *restrict u, uint32_t n);
 
 #endif

@@ -160,3 +160,7 @@ void bn_relu2_gate(float *restrict g, const float *restrict u, uint32_t n) {
         g[i] = (r * r) * u[i];
     }
 }
+
+void bn_silu_gate(float *restrict g, const float *restrict u, uint32_t n) {
+    for (uint32_t i = 0; i < n; i++) g[i] = (g[i] / (1.0f + expf(-g[i]))) * u[i];
+}
