@@ -152,3 +152,36 @@ def test_bad_arguments_are_errors():
     assert lib.bn_kernels_attention_head_f16(0, buf, buf, buf, buf, 4, 1, 8, 1.0) == lib.BN_ERR_ARG
     q = np.empty(8, dtype=np.int8)
     assert lib.bn_kernels_quantize_rows(len(VARIANTS), ffi.from_buffer("int8_t[]", q), buf, buf, 1, 8) == lib.BN_ERR_ARG
+
+
+def attention_head_f16(variant: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, D: int, scale: float) -> np.ndarray:
+    q, k, v = (np.ascontiguousarray(a, dtype=np.float32) for a in (q, k, v))
+    out = np.empty(D, dtype=np.float32)
+    status = lib.bn_kernels_attention_head_f16(variant, ffi.from_buffer("float[]", out), ffi.from_buffer("float[]", q),
+                                               ffi.from_buffer("float[]", k), ffi.from_buffer("float[]", v),
+                                               k.shape[1], k.shape[0], D, scale)
+    assert status == lib.BN_OK
+    return out
+
+
+@pytest.mark.parametrize("variant", range(len(VARIANTS)), ids=VARIANTS)
+@settings(max_examples=80, deadline=None)
+@given(
+    n_pos=st.integers(1, 200),
+    D=st.one_of(st.sampled_from([8, 32, 64, 128]), st.integers(1, 40)),
+    extra=st.sampled_from([0, 8, 37]),
+    spread=st.sampled_from([1e-3, 1.0, 30.0]),
+    magnitude=st.sampled_from([1e-6, 1.0, 1e3, 7e4]),  # f16 subnormals, normals, overflow to inf
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_f16_attention_is_float_attention_on_rounded_values(variant, n_pos, D, extra, spread, magnitude, seed):
+    """The f16-cache kernel of every variant equals the reference float kernel on keys and values rounded
+    to f16 by numpy (round to nearest even), bit for bit: the runtime's f16 rounding and widening are exact."""
+    q, k, v = attention_inputs(n_pos, D, D + extra, np.random.default_rng(seed), spread)
+    k, v = k * np.float32(magnitude), v * np.float32(min(magnitude, 1e3))
+    scale = float(np.float32(1.0 / np.sqrt(D)))
+    with np.errstate(over="ignore"):
+        k16, v16 = k.astype(np.float16).astype(np.float32), v.astype(np.float16).astype(np.float32)
+    want = attention_head(0, q, k16, v16, D, scale)
+    got = attention_head_f16(variant, q, k, v, D, scale)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
