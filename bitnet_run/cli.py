@@ -5,7 +5,6 @@ generated text goes to stdout, timings and progress to stderr.
 """
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -46,7 +45,7 @@ def main(
 # ---- shared options -------------------------------------------------------------------------------
 ModelOpt = typer.Option(None, "-m", "--model", help="Model file (.bnr or .gguf) or the name of a stored model "
                         "(bitnet-run list); default: the bundled demo model.")
-ThreadsOpt = typer.Option(None, "-t", "--threads", help="Threads (default: one per CPU).")
+ThreadsOpt = typer.Option(None, "-t", "--threads", help="Threads (default: one per physical core).")
 CtxOpt = typer.Option(None, "-c", "--ctx-size", help="Context size in tokens (default: the model's).")
 TempOpt = typer.Option(0.8, "--temp", help="Temperature; 0 = greedy.")
 TopKOpt = typer.Option(40, "--top-k", help="Top-k sampling; 0 = off.")
@@ -54,6 +53,12 @@ TopPOpt = typer.Option(0.95, "--top-p", help="Top-p (nucleus) sampling; 1 = off.
 MinPOpt = typer.Option(0.05, "--min-p", help="Min-p sampling; 0 = off.")
 RepeatOpt = typer.Option(1.1, "--repeat-penalty", help="Penalty for the last 64 tokens; 1 = off.")
 SeedOpt = typer.Option(-1, "--seed", "-s", help="RNG seed; -1 = random.")
+
+
+def _default_threads() -> int:
+    from ._bitnet import lib
+
+    return lib.bn_default_n_threads()
 
 
 def _model_path(model: Optional[str]) -> Path:
@@ -407,7 +412,7 @@ def bench(
     n_gen: str = typer.Option("128", "-n", "--n-gen", help="Generated tokens for tgN tests (same syntax); 0 = none."),
     repetitions: int = typer.Option(5, "-r", "--repetitions", help="Timed runs per test (after one warm-up)."),
     threads: Optional[str] = typer.Option(None, "-t", "--threads", help="Thread counts, e.g. 1,2 or 1-8*2 "
-                                          "(default: one per CPU)."),
+                                          "(default: one per physical core)."),
     output: str = typer.Option("md", "-o", "--output", help="md, json or csv."),
     peers: str = typer.Option("none", "--peers", help="Peer runtimes to run on the same synthetic shape, interleaved "
                               "A/B: none or llamacpp (llama.cpp TQ2_0 and TQ1_0 through llama-cpp-python)."),
@@ -447,7 +452,7 @@ def bench(
         weight_list = bn.parse_weights(weights) if weights is not None else ["i2"]
         p_list = bn.parse_int_list(n_prompt, "-p")
         n_list = bn.parse_int_list(n_gen, "-n")
-        t_list = bn.parse_int_list(threads, "-t", minimum=1) if threads is not None else [os.cpu_count() or 1]
+        t_list = bn.parse_int_list(threads, "-t", minimum=1) if threads is not None else [_default_threads()]
         shapes = list(dict.fromkeys(s.strip() for s in synthetic.split(","))) if synthetic is not None else []
         for shape in shapes:
             syn.get_shape(shape)

@@ -40,7 +40,7 @@ class GenerationStats:
 class Model:
     """A BitNet b1.58 model loaded from a packed .bnr file.
 
-    n_threads: worker threads of the runtime (None: one per CPU). n_ctx: context window in tokens per
+    n_threads: worker threads of the runtime (None: one per physical core). n_ctx: context window in tokens per
     sequence (None: min(the model's trained context length, 4096)). kv_type: the KV cache's element
     type, "f16" or "f32". n_seq: sequence slots of the default context.
     """

@@ -27,7 +27,7 @@ def case(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     src = write_1bitllm_checkpoint(root / "hf", **args)
     path = convert_checkpoint(src, root / "model.bnr", weights=weights)
-    return Model(path, n_threads=2), OneBitReference(src), src, path
+    return Model(path, n_threads=2, kv_type="f32"), OneBitReference(src), src, path
 
 
 def test_bitlinear_matches_the_reference_tightly(case):

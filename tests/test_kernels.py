@@ -439,12 +439,12 @@ def _raw_eval(model, tokens) -> np.ndarray:
     n = len(tokens)
     logits = np.zeros((n, model.n_vocab), dtype=np.float32)
     toks = np.asarray(tokens, dtype=np.int32)
-    status = lib.bn_eval(model._ctx, ffi.from_buffer("int32_t[]", toks), n, 0, ffi.from_buffer("float[]", logits), 1)
-    assert status == lib.BN_OK, ffi.string(lib.bn_context_error(model._ctx)).decode()
+    status = lib.bn_eval(model.context._ctx, ffi.from_buffer("int32_t[]", toks), n, 0, ffi.from_buffer("float[]", logits), 1)
+    assert status == lib.BN_OK, ffi.string(lib.bn_context_error(model.context._ctx)).decode()
     # then one decoding step (n_tok == 1 kernels) after the prompt
     step = np.zeros(model.n_vocab, dtype=np.float32)
     nxt = np.asarray([tokens[0]], dtype=np.int32)
-    status = lib.bn_eval(model._ctx, ffi.from_buffer("int32_t[]", nxt), 1, n, ffi.from_buffer("float[]", step), 0)
+    status = lib.bn_eval(model.context._ctx, ffi.from_buffer("int32_t[]", nxt), 1, n, ffi.from_buffer("float[]", step), 0)
     assert status == lib.BN_OK
     return np.concatenate([logits, step[None]], axis=0)
 

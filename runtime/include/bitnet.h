@@ -107,7 +107,7 @@ typedef enum { BN_KV_F16 = 0, BN_KV_F32 = 1 } bn_kv_type;
 typedef struct {
     uint32_t n_ctx;      /* positions per sequence; 0: min(model context_length, 4096) */
     uint32_t n_seq;      /* sequence slots; 0: 1 */
-    uint32_t n_threads;  /* 0: one per online CPU */
+    uint32_t n_threads;  /* 0: bn_default_n_threads() */
     bn_kv_type kv_type;  /* the cache's element type; default BN_KV_F16 (keys/values rounded to nearest even) */
 } bn_context_params;
 
@@ -214,6 +214,11 @@ bn_status bn_sampler_probs(bn_sampler *s, const float *logits, int32_t *ids, flo
 /* The n most likely tokens under log_softmax(logits) (raw logits, no sampling filters), by descending
  * logit (ties: lower id first); NaN logits are never listed. BN_ERR_ARG for n > n_vocab or NULLs. */
 bn_status bn_top_logprobs(const float *logits, uint32_t n_vocab, uint32_t n, int32_t *ids, float *logprobs);
+/* ---- threads ---- */
+/* The thread count that n_threads = 0 stands for: the physical cores this process may run on (its
+ * affinity mask, counted by core in the sysfs CPU topology; else the CPUs in the mask; else the
+ * online CPUs), at most 1024. */
+uint32_t bn_default_n_threads(void);
 /* CDEF-END */
 
 #ifdef __cplusplus

@@ -5,11 +5,9 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "error.h"
 
-#define BN_MAX_THREADS 1024
 
 /* calloc of a count of elements given as uint64; NULL when it does not fit size_t or fails. */
 static void *alloc_array(uint64_t count, size_t elem) {
@@ -102,10 +100,7 @@ bn_status bn_context_new_ext(const bn_model *model, const bn_context_params *par
     }
     *out = NULL;
     uint32_t n_threads = params->n_threads;
-    if (n_threads == 0) {
-        long online = sysconf(_SC_NPROCESSORS_ONLN);
-        n_threads = online < 1 ? 1 : online > BN_MAX_THREADS ? BN_MAX_THREADS : (uint32_t)online;
-    }
+    if (n_threads == 0) n_threads = bn_default_n_threads();
     if (n_threads > BN_MAX_THREADS) {
         bn_set_error(err, err_len, "bn_context_new: n_threads %" PRIu32 " is more than %d", n_threads,
                      BN_MAX_THREADS);

@@ -162,6 +162,11 @@ static int usable_always(const bn_cpu_features *f) {
 #if defined(__x86_64__)
 static int usable_avx2(const bn_cpu_features *f) { return f->avx2 && f->f16c; }
 static int usable_avx512vnni(const bn_cpu_features *f) { return usable_avx2(f) && f->avx512bw && f->avx512vnni; }
+#ifdef BN_AVXVNNI_EVEX /* the test-only build of kernels_avxvnni.c */
+static int usable_avxvnni(const bn_cpu_features *f) { return usable_avx2(f) && f->avx512vnni && f->avx512vl; }
+#else
+static int usable_avxvnni(const bn_cpu_features *f) { return usable_avx2(f) && f->avxvnni; }
+#endif
 #endif
 #if defined(__aarch64__)
 static int usable_neon(const bn_cpu_features *f) { return f->asimd; }
@@ -175,6 +180,7 @@ static const struct {
     {&bn_kernels_ref, usable_always},
 #if defined(__x86_64__)
     {&bn_kernels_avx2, usable_avx2},
+    {&bn_kernels_avxvnni, usable_avxvnni},
     {&bn_kernels_avx512vnni, usable_avx512vnni},
 #endif
 #if defined(__aarch64__)

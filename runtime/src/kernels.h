@@ -96,6 +96,9 @@ extern const bn_kernels bn_kernels_ref;
 /* AVX2 (+F16C) variant, runtime/src/arch/x86/kernels_avx2.c; compiled with target attributes, so the
  * default build stays portable. Call only when bn_cpu_get_features() reports avx2 and f16c. */
 extern const bn_kernels bn_kernels_avx2;
+/* AVX-VNNI variant (its own I2 GEMM with ymm vpdpbusd, the AVX2 kernels otherwise),
+ * kernels_avxvnni.c. Call only when bn_cpu_get_features() reports avxvnni and what AVX2 needs. */
+extern const bn_kernels bn_kernels_avxvnni;
 /* AVX-512 VNNI variant (its own I2 GEMM, the AVX2 kernels otherwise), kernels_avx512vnni.c. Call
  * only when bn_cpu_get_features() reports avx512bw and avx512vnni, and what the AVX2 variant needs. */
 extern const bn_kernels bn_kernels_avx512vnni;
@@ -113,8 +116,8 @@ uint32_t bn_kernels_n_available(void);
 const bn_kernels *bn_kernels_available(uint32_t i); /* NULL if i is out of range */
 
 /* The kernels the runtime uses on this CPU (the only place where a variant is chosen): the fastest
- * available one, unless the environment variable BITNET_RUN_KERNELS names one (ref, avx2, avx512vnni,
- * neon, neon-dotprod); a name that is unknown or not usable on this CPU gives the reference. */
+ * available one, unless the environment variable BITNET_RUN_KERNELS names one (ref, avx2, avxvnni,
+ * avx512vnni, neon, neon-dotprod); a name that is unknown or not usable on this CPU gives the reference. */
 const bn_kernels *bn_kernels_select(void);
 
 #endif

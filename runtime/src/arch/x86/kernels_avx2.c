@@ -4,14 +4,7 @@
  * -mavx2: cffi builds all sources with the same flags, and the default build must run on CPUs
  * without AVX. bn_kernels_select() hands these out only when the CPU (and OS) support them.
  *
- * I2 matmul. A row's byte k holds elements 4k..4k+3 (bits 2i..2i+1 = code of element 4k+i). The
- * activations of each token are deinterleaved once per call into blocks of 128 elements made of
- * 4 planes of 32 bytes (plane i, lane k = x[4k + i]), zero-padded to whole blocks, so that lane k
- * of ((32 weight bytes >> 2i) & 3) multiplies lane k of plane i. Codes c in {0,1,2} are w + 1, so
- * dot(x, w) = sum(c * x) - sum(x): maddubs(c, x) (u8 x s8 pairs, |.| <= 2*2*128 = 512: no
- * saturation), summed in int16 over at most 8 blocks (|.| <= 16384), widened with madd(ones).
- * Code 3 counts as 0: a 4-entry pshufb table maps codes {0,1,2,3} -> {0,1,2,1}. Zero padding makes
- * whatever codes sit past `cols` harmless. Several tokens (up to 4) share each unpacked weight block.
+ * I2 matmul: the register-tiled GEMM of arch/x86/i2_gemm_ymm.h with maddubs (its comment).
  *
  * TL1 / TL2 matmul (layouts in kernels.h). A lookup-table kernel vectorizes over rows: lane i of a
  * 32-byte weight vector is row i of a 32-row tile, and its low (high) nibbles are every lane's index
@@ -58,18 +51,15 @@
 #define BN_INLINE static inline __attribute__((always_inline))
 
 enum {
-    I2_BLOCK = 128,      /* weights per 32-byte vector of codes */
-    I2_GROUP = 8,        /* blocks summed in int16 before widening */
-    I2_TOKENS = 4,       /* tokens sharing one unpacked weight block */
-    I2_ROW_BLOCK = 16,   /* rows kept hot in cache while all token groups pass over them */
-    I2_TOKEN_CHUNK = 64, /* tokens deinterleaved per pass (bounds the scratch memory) */
-    DENSE_CHAINS = 8,  /* accumulators (rows x tokens) of one dense_rows call, at most */
+    I2_BLOCK = 128,   /* elements per 128-element chunk of the I2 activation planes */
+    DENSE_CHAINS = 8, /* accumulators (rows x tokens) of one dense_rows call, at most */
 };
-#ifndef DENSE_PREFETCH
-#define DENSE_PREFETCH 256 /* bytes ahead in each of the 8 row streams */
+#ifndef DENSE_WIDE
+#define DENSE_WIDE 2 /* tiles of 8 rows per dense_rows call for 1-2 tokens: 16 row streams (4, i.e. 32 streams, read
+                        * the bf16 head ~1.5-2x slower, 1 tile leaves one add chain: interleaved A/B here) */
 #endif
-#ifndef I2_PREFETCH
-#define I2_PREFETCH 2048 /* bytes ahead in the weight stream (rows are contiguous) */
+#ifndef DENSE_PREFETCH
+#define DENSE_PREFETCH 256 /* bytes ahead in each row stream */
 #endif
 
 /* ---- per-thread scratch for the deinterleaved activations (freed when the thread exits) ---- */
@@ -158,99 +148,8 @@ BN_AVX2 int32_t bn_i2_planes_avx2(int8_t *dst, const int8_t *x, uint32_t cols, u
     return (int32_t)(hsum_epi64(sum) - (int64_t)128 * I2_BLOCK * nblk);
 }
 
-/* Adds the products of one block of 32 weight bytes with NT tokens' planes into acc16. */
-BN_AVX2 BN_INLINE void i2_block(__m256i w, const int8_t *p, size_t tstride, int NT, __m256i *acc16) {
-    const __m256i m3 = _mm256_set1_epi8(3);
-    const __m256i lut = _mm256_setr_epi8(0, 1, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 1, 0, 0, 0, 0, 0, 0,
-                                         0, 0, 0, 0, 0, 0);
-    const __m256i c0 = _mm256_shuffle_epi8(lut, _mm256_and_si256(w, m3));
-    const __m256i c1 = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(w, 2), m3));
-    const __m256i c2 = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(w, 4), m3));
-    const __m256i c3 = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(w, 6), m3));
-    for (int t = 0; t < NT; t++) {
-        const int8_t *pt = p + t * tstride;
-        __m256i a = _mm256_add_epi16(_mm256_maddubs_epi16(c0, _mm256_load_si256((const __m256i *)(pt + 0))),
-                                     _mm256_maddubs_epi16(c1, _mm256_load_si256((const __m256i *)(pt + 32))));
-        __m256i b = _mm256_add_epi16(_mm256_maddubs_epi16(c2, _mm256_load_si256((const __m256i *)(pt + 64))),
-                                     _mm256_maddubs_epi16(c3, _mm256_load_si256((const __m256i *)(pt + 96))));
-        acc16[t] = _mm256_add_epi16(acc16[t], _mm256_add_epi16(a, b));
-    }
-}
-
-/* out[t] = dot(row wr, token t) for NT tokens whose planes start tstride bytes apart. */
-BN_AVX2 BN_INLINE void i2_row(const uint8_t *wr, uint32_t row_bytes, const int8_t *planes, size_t tstride,
-                               const int32_t *sums, int NT, int32_t *out) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i acc32[I2_TOKENS], acc16[I2_TOKENS];
-    for (int t = 0; t < NT; t++) acc32[t] = acc16[t] = _mm256_setzero_si256();
-    const uint32_t nfull = row_bytes / 32, tail = row_bytes % 32;
-    uint32_t b = 0;
-    while (b < nfull) {
-        const uint32_t end = b + I2_GROUP < nfull ? b + I2_GROUP : nfull;
-        for (; b < end; b++) {
-            _mm_prefetch((const char *)(wr + 32 * (size_t)b + I2_PREFETCH), _MM_HINT_T0);
-            i2_block(_mm256_loadu_si256((const __m256i *)(wr + 32 * (size_t)b)), planes + (size_t)b * I2_BLOCK,
-                     tstride, NT, acc16);
-        }
-        for (int t = 0; t < NT; t++) {
-            acc32[t] = _mm256_add_epi32(acc32[t], _mm256_madd_epi16(acc16[t], ones));
-            acc16[t] = _mm256_setzero_si256();
-        }
-    }
-    if (tail) { /* copy so as not to read past the matrix; the padded codes meet zero activations */
-        uint8_t tmp[32] = {0};
-        memcpy(tmp, wr + 32 * (size_t)nfull, tail);
-        i2_block(_mm256_loadu_si256((const __m256i *)tmp), planes + (size_t)nfull * I2_BLOCK, tstride, NT, acc16);
-        for (int t = 0; t < NT; t++) acc32[t] = _mm256_add_epi32(acc32[t], _mm256_madd_epi16(acc16[t], ones));
-    }
-    for (int t = 0; t < NT; t++) out[t] = hsum_epi32(acc32[t]) - sums[t];
-}
-
-/* Instances with a constant token count, so that the accumulators live in registers. */
-BN_AVX2 static void i2_row1(const uint8_t *wr, uint32_t rb, const int8_t *p, size_t ts, const int32_t *s, int32_t *o) {
-    i2_row(wr, rb, p, ts, s, 1, o);
-}
-BN_AVX2 static void i2_row2(const uint8_t *wr, uint32_t rb, const int8_t *p, size_t ts, const int32_t *s, int32_t *o) {
-    i2_row(wr, rb, p, ts, s, 2, o);
-}
-BN_AVX2 static void i2_row3(const uint8_t *wr, uint32_t rb, const int8_t *p, size_t ts, const int32_t *s, int32_t *o) {
-    i2_row(wr, rb, p, ts, s, 3, o);
-}
-BN_AVX2 static void i2_row4(const uint8_t *wr, uint32_t rb, const int8_t *p, size_t ts, const int32_t *s, int32_t *o) {
-    i2_row(wr, rb, p, ts, s, 4, o);
-}
-
-BN_AVX2 static void i2_matmul_avx2(int32_t *y, size_t ldy, const int8_t *x, size_t ldx, uint32_t n_tok,
-                                   const uint8_t *w, uint32_t cols, uint32_t r0, uint32_t r1) {
-    if (r0 >= r1 || n_tok == 0) return;
-    const uint32_t row_bytes = (cols + 3) / 4;
-    const size_t tstride = (size_t)(cols + I2_BLOCK - 1) / I2_BLOCK * I2_BLOCK; /* bytes of planes per token */
-    const uint32_t chunk = n_tok < I2_TOKEN_CHUNK ? n_tok : I2_TOKEN_CHUNK;
-    int8_t *planes = bn_x86_scratch(chunk * tstride + chunk * sizeof(int32_t));
-    if (!planes) { /* out of memory: the reference gives the same result */
-        bn_kernels_ref.i2_matmul(y, ldy, x, ldx, n_tok, w, cols, r0, r1);
-        return;
-    }
-    int32_t *sums = (int32_t *)(planes + chunk * tstride);
-    void (*const row_fn[I2_TOKENS + 1])(const uint8_t *, uint32_t, const int8_t *, size_t, const int32_t *,
-                                        int32_t *) = {NULL, i2_row1, i2_row2, i2_row3, i2_row4};
-
-    for (uint32_t t0 = 0; t0 < n_tok; t0 += chunk) {
-        const uint32_t nt = n_tok - t0 < chunk ? n_tok - t0 : chunk;
-        for (uint32_t t = 0; t < nt; t++) sums[t] = bn_i2_planes_avx2(planes + t * tstride, x + (t0 + t) * ldx, cols, 1);
-        for (uint32_t rb = r0; rb < r1; rb += I2_ROW_BLOCK) {
-            const uint32_t re = r1 - rb < I2_ROW_BLOCK ? r1 : rb + I2_ROW_BLOCK;
-            for (uint32_t tb = 0; tb < nt; tb += I2_TOKENS) {
-                const uint32_t k = nt - tb < I2_TOKENS ? nt - tb : I2_TOKENS;
-                for (uint32_t r = rb; r < re; r++) {
-                    int32_t out[I2_TOKENS];
-                    row_fn[k](w + (size_t)r * row_bytes, row_bytes, planes + tb * tstride, tstride, sums + tb, out);
-                    for (uint32_t i = 0; i < k; i++) y[(t0 + tb + i) * ldy + r] = out[i];
-                }
-            }
-        }
-    }
-}
+#define I2Y_TARGET BN_AVX2
+#include "arch/x86/i2_gemm_ymm.h" /* i2y_matmul, the tiled GEMM (maddubs) */
 
 /* ---- TL1 / TL2 ---- */
 
@@ -604,28 +503,28 @@ BN_AVX2 BN_INLINE void dense_rows(int enc, int NT, int RT, float *y, size_t ldy,
 BN_AVX2 BN_INLINE void dense_enc(int enc, float *y, size_t ldy, const float *x, size_t ldx, uint32_t n_tok,
                                  const void *w, uint32_t cols, uint32_t r0, uint32_t r8) {
     for (uint32_t r = r0; r < r8;) {
-        const int wide = r8 - r >= 32; /* 4 tiles of 8 rows for 1-2 tokens */
+        const int wide = r8 - r >= 8 * DENSE_WIDE; /* DENSE_WIDE tiles of 8 rows at once for 1-2 tokens */
         uint32_t t0 = 0;
         for (; t0 + 4 <= n_tok; t0 += 4) {
             dense_rows(enc, 4, 1, y, ldy, x, ldx, t0, w, cols, r);
             if (wide)
-                for (int k = 1; k < 4; k++) dense_rows(enc, 4, 1, y, ldy, x, ldx, t0, w, cols, r + 8 * k);
+                for (int k = 1; k < DENSE_WIDE; k++) dense_rows(enc, 4, 1, y, ldy, x, ldx, t0, w, cols, r + 8 * k);
         }
         switch (n_tok - t0) {
         case 3:
-            for (int k = 0; k < (wide ? 4 : 1); k++) dense_rows(enc, 3, 1, y, ldy, x, ldx, t0, w, cols, r + 8 * k);
+            for (int k = 0; k < (wide ? DENSE_WIDE : 1); k++) dense_rows(enc, 3, 1, y, ldy, x, ldx, t0, w, cols, r + 8 * k);
             break;
         case 2:
-            if (wide) dense_rows(enc, 2, 4, y, ldy, x, ldx, t0, w, cols, r);
+            if (wide) dense_rows(enc, 2, DENSE_WIDE, y, ldy, x, ldx, t0, w, cols, r);
             else dense_rows(enc, 2, 1, y, ldy, x, ldx, t0, w, cols, r);
             break;
         case 1:
-            if (wide) dense_rows(enc, 1, 4, y, ldy, x, ldx, t0, w, cols, r);
+            if (wide) dense_rows(enc, 1, DENSE_WIDE, y, ldy, x, ldx, t0, w, cols, r);
             else dense_rows(enc, 1, 1, y, ldy, x, ldx, t0, w, cols, r);
             break;
         default: break;
         }
-        r += wide ? 32 : 8;
+        r += wide ? 8 * DENSE_WIDE : 8;
     }
 }
 
@@ -776,7 +675,7 @@ BN_AVX2 void bn_attention_head_f16_avx2(float *out, const float *q, const uint16
 
 const bn_kernels bn_kernels_avx2 = {
     .name = "avx2",
-    .i2_matmul = i2_matmul_avx2,
+    .i2_matmul = i2y_matmul,
     .tl1_matmul = bn_tl1_matmul_avx2,
     .tl2_matmul = bn_tl2_matmul_avx2,
     .dense_matmul = bn_dense_matmul_avx2,
