@@ -1,7 +1,8 @@
 """bitnet-run: a CPU inference runtime for ternary (BitNet b1.58) language models.
 
-The whole Python API is `Model` (load a packed .bnr file, then tokenize / logits / generate /
-stream / chat); `bitnet_run.convert` turns Hugging Face checkpoints into .bnr files.
+The whole Python API is `Model` (load a packed .bnr file, then tokenize / logits / stream_generate
+and the generate / stream / chat built on it; `new_context()` for another cache on the same weights);
+`bitnet_run.convert` turns Hugging Face checkpoints into .bnr files.
 """
 from importlib import metadata as _metadata
 

@@ -2,6 +2,11 @@
 
 Compiled on `pip install .`. The default build is portable (the runtime picks kernels by CPU feature
 detection at run time); set BITNET_RUN_NATIVE=1 to add -march=native for this machine only.
+
+The kernels are bit-exact with the scalar reference only if the compiler keeps every float multiply
+and add separate, so -ffp-contract=off is passed explicitly: GCC's default outside strict ISO modes
+(-std=gnu11, and with -march=native on FMA CPUs) would fuse them. tests/test_build_flags.py builds the
+runtime with `-std=gnu11 -march=native` and with clang and checks every variant there too.
 """
 import os
 import re
@@ -25,28 +30,38 @@ def _cdef_text() -> str:
     return "\n".join(parts)
 
 
-def _sources() -> list[str]:
-    # Relative paths keep absolute build paths out of the extension's debug info.
-    return sorted(str(p.relative_to(ROOT)) for p in (RUNTIME / "src").rglob("*.c"))
+def _sources(absolute: bool) -> list[str]:
+    # Relative paths (to ROOT, the working directory of `pip install`) keep absolute build paths out
+    # of the extension's debug info; FFI.compile(tmpdir=...) works in tmpdir and needs absolute ones.
+    paths = sorted((RUNTIME / "src").rglob("*.c"))
+    return [str(p if absolute else p.relative_to(ROOT)) for p in paths]
 
 
-def _compile_args() -> list[str]:
+def compile_args(extra: tuple[str, ...] = ()) -> list[str]:
+    """The compiler flags: `extra` after the defaults, so that they win (-std=gnu11 over -std=c11),
+    and -ffp-contract=off after everything."""
     args = ["-std=c11", "-O3", "-Wall", "-Wextra", "-Wno-unused-parameter", "-D_GNU_SOURCE"]
     if os.environ.get("BITNET_RUN_NATIVE") == "1":
         args.append("-march=native")
-    return args
+    return args + list(extra) + ["-ffp-contract=off"]
 
 
-ffibuilder = FFI()
-ffibuilder.cdef(_cdef_text())
-ffibuilder.set_source(
-    "bitnet_run._bitnet",
-    "".join(f'#include "{h.name}"\n' for h in HEADERS),
-    sources=_sources(),
-    include_dirs=[str(RUNTIME / "include"), str(RUNTIME / "src")],
-    extra_compile_args=_compile_args(),
-    libraries=["m", "pthread"],
-)
+def build_ffi(extra_args: tuple[str, ...] = (), absolute_paths: bool = False) -> FFI:
+    """The cffi builder of the extension module bitnet_run._bitnet, compiled with compile_args(extra_args)."""
+    ffi = FFI()
+    ffi.cdef(_cdef_text())
+    ffi.set_source(
+        "bitnet_run._bitnet",
+        "".join(f'#include "{h.name}"\n' for h in HEADERS),
+        sources=_sources(absolute_paths),
+        include_dirs=[str(RUNTIME / "include"), str(RUNTIME / "src")],
+        extra_compile_args=compile_args(extra_args),
+        libraries=["m", "pthread"],
+    )
+    return ffi
+
+
+ffibuilder = build_ffi()
 
 if __name__ == "__main__":
     os.chdir(ROOT)

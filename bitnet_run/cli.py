@@ -1,11 +1,10 @@
-"""The `bitnet-run` command line: convert, pull, run (generate), chat, show, bench.
+"""The `bitnet-run` command line: convert, pull, run (generate), chat, perplexity, show, bench.
 
 Flags follow llama.cpp (-m -p -f -n -t -c --temp --top-k --top-p --min-p --repeat-penalty --seed);
 generated text goes to stdout, timings and progress to stderr.
 """
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -45,7 +44,7 @@ def main(
 
 # ---- shared options -------------------------------------------------------------------------------
 ModelOpt = typer.Option(None, "-m", "--model", help="Model file (.bnr); default: the bundled demo model.")
-ThreadsOpt = typer.Option(None, "-t", "--threads", help="Threads (default: one per CPU).")
+ThreadsOpt = typer.Option(None, "-t", "--threads", help="Threads (default: one per physical core).")
 CtxOpt = typer.Option(None, "-c", "--ctx-size", help="Context size in tokens (default: the model's).")
 TempOpt = typer.Option(0.8, "--temp", help="Temperature; 0 = greedy.")
 TopKOpt = typer.Option(40, "--top-k", help="Top-k sampling; 0 = off.")
@@ -53,14 +52,24 @@ TopPOpt = typer.Option(0.95, "--top-p", help="Top-p (nucleus) sampling; 1 = off.
 MinPOpt = typer.Option(0.05, "--min-p", help="Min-p sampling; 0 = off.")
 RepeatOpt = typer.Option(1.1, "--repeat-penalty", help="Penalty for the last 64 tokens; 1 = off.")
 SeedOpt = typer.Option(-1, "--seed", "-s", help="RNG seed; -1 = random.")
+StopOpt = typer.Option(None, "--stop", help="Stop when the text contains this string (not printed); repeatable.")
+CacheTypeOpt = typer.Option("f16", "--cache-type", help="KV cache element type: f16 or f32.")
 
 
-def _load(model: Optional[Path], threads: Optional[int], ctx: Optional[int]):
-    from .model import Model
+def _default_threads() -> int:
+    from ._bitnet import lib
 
+    return lib.bn_default_n_threads()
+
+
+def _load(model: Optional[Path], threads: Optional[int], ctx: Optional[int], kv_type: str = "f16"):
+    from .model import KV_TYPES, Model
+
+    if kv_type not in KV_TYPES:
+        _fail(f"--cache-type must be {' or '.join(KV_TYPES)}, not {kv_type!r}")
     try:
         path = model if model is not None else default_model()
-        return Model(path, n_threads=threads, n_ctx=ctx)
+        return Model(path, n_threads=threads, n_ctx=ctx, kv_type=kv_type)
     except (OSError, ValueError, BitNetError) as exc:
         _fail(str(exc))
 
@@ -80,13 +89,29 @@ def _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed) -> dict:
 
 
 def _print_timings(stats) -> None:
+    """llama.cpp-style timings: the prompt, then generation end to end (what the user waited, sampling
+    and detokenization included) and the decoding evaluations alone."""
     err_console.print(
-        f"\nprompt eval: {stats.prompt_tokens} tokens in {stats.prompt_seconds:.3f} s "
+        f"\nprompt eval: {stats.prompt_tokens} tokens ({stats.cached_tokens} cached) in {stats.prompt_seconds:.3f} s "
         f"({stats.prompt_tps:.2f} tokens/s)\n"
-        f"generation:  {stats.generated_tokens} tokens in {stats.generation_seconds:.3f} s "
-        f"({stats.generation_tps:.2f} tokens/s)",
-        highlight=False,
+        f"generation:  {stats.generated_tokens} tokens in {stats.total_seconds - stats.prompt_seconds:.3f} s "
+        f"({stats.end_to_end_tps:.2f} tokens/s end-to-end); eval {stats.eval_tokens} tokens in "
+        f"{stats.generation_seconds:.3f} s ({stats.generation_tps:.2f} tokens/s)",
+        highlight=False, soft_wrap=True,
     )
+
+
+def _write_reply(pieces) -> bool:
+    """Writes the text pieces to stdout as they come; Ctrl-C ends the reply early. True if interrupted."""
+    try:
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        return True
+    finally:
+        pieces.close()  # releases the context at once, also when interrupted between two tokens
+    return False
 
 
 def _progress() -> Progress:
@@ -163,8 +188,10 @@ def run_cmd(
     repeat_penalty: float = RepeatOpt,
     seed: int = SeedOpt,
     no_display_prompt: bool = typer.Option(False, "--no-display-prompt", help="Print only the generated text."),
+    stop: Optional[List[str]] = StopOpt,
+    cache_type: str = CacheTypeOpt,
 ):
-    """Generate a continuation of a prompt (alias: generate)."""
+    """Generate a continuation of a prompt (alias: generate). Ctrl-C stops with the text so far."""
     if prompt is not None and file is not None:
         _fail("give the prompt with -p or -f, not both")
     if file is not None:
@@ -177,17 +204,17 @@ def run_cmd(
     if n_predict < 0:
         _fail(f"-n must be >= 0, got {n_predict}")
     sampling = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
-    llm = _load(model, threads, ctx_size)
+    llm = _load(model, threads, ctx_size, cache_type)
     if not no_display_prompt:
         sys.stdout.write(prompt)
     try:
-        for piece in llm.stream(prompt, max_tokens=n_predict, **sampling):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        interrupted = _write_reply(llm.stream(prompt, max_tokens=n_predict, stop=stop, **sampling))
     except (ValueError, BitNetError) as exc:
         _fail(str(exc))
     sys.stdout.write("\n")
     _print_timings(llm.last_stats)
+    if interrupted:
+        raise typer.Exit(130)
 
 
 app.command("generate", help="Generate a continuation of a prompt (alias of run).")(run_cmd)
@@ -206,10 +233,13 @@ def chat(
     min_p: float = MinPOpt,
     repeat_penalty: float = RepeatOpt,
     seed: int = SeedOpt,
+    stop: Optional[List[str]] = StopOpt,
+    cache_type: str = CacheTypeOpt,
 ):
-    """Chat with the model in the terminal (/reset clears the conversation, /exit or Ctrl-D quits)."""
+    """Chat with the model in the terminal (/reset clears the conversation, /exit or Ctrl-D quits; Ctrl-C
+    ends the current reply). Each turn evaluates only the new tokens: the cache keeps the conversation."""
     sampling = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
-    llm = _load(model, threads, ctx_size)
+    llm = _load(model, threads, ctx_size, cache_type)
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     err_console.print("chat: /reset clears the conversation, /exit quits", highlight=False)
@@ -229,19 +259,57 @@ def chat(
             continue
         messages.append({"role": "user", "content": text})
         reply = []
-        try:
-            for piece in llm.stream_chat(messages, max_tokens=n_predict, **sampling):
+
+        def pieces():
+            for piece in llm.stream_chat(messages, max_tokens=n_predict, stop=stop, **sampling):
                 reply.append(piece)
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+                yield piece
+
+        try:
+            interrupted = _write_reply(pieces())
         except (ValueError, BitNetError) as exc:
             messages.pop()
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             continue
         sys.stdout.write("\n")
+        # an interrupted reply stays in the conversation as far as it got (so does the cache)
         messages.append({"role": "assistant", "content": "".join(reply)})
         stats = llm.last_stats
-        err_console.print(f"[dim]({stats.generation_tps:.1f} tokens/s)[/]", highlight=False)
+        err_console.print(
+            f"[dim]({'interrupted; ' if interrupted else ''}{stats.generated_tokens} tokens, "
+            f"{stats.end_to_end_tps:.1f} tokens/s end-to-end, {stats.generation_tps:.1f} eval; "
+            f"prompt {stats.prompt_tokens} evaluated + {stats.cached_tokens} cached)[/]", highlight=False,
+            soft_wrap=True)
+
+
+@app.command()
+def perplexity(
+    model: Optional[Path] = ModelOpt,
+    file: Path = typer.Option(..., "-f", "--file", help="The text to score."),
+    ctx_size: int = typer.Option(512, "-c", "--ctx-size", help="Window size in tokens."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="Score at most this many windows (default: all)."),
+    threads: Optional[int] = ThreadsOpt,
+    cache_type: str = CacheTypeOpt,
+):
+    """Perplexity of a text file, llama-perplexity style: non-overlapping windows of -c tokens, each
+    from a fresh cache starting with BOS, the second half of each window scored."""
+    from .perplexity import perplexity as score
+
+    try:
+        text = file.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"{file}: cannot read the text file ({getattr(exc, 'strerror', None) or exc})")
+    llm = _load(model, threads, max(ctx_size, 1), cache_type)
+
+    def progress(done: int, total: int, ppl: float) -> None:
+        err_console.print(f"[{done}/{total}] {ppl:.4f}", highlight=False)
+
+    try:
+        result = score(llm, text, n_ctx=ctx_size, n_chunks=chunks, progress=progress)
+    except (ValueError, BitNetError) as exc:
+        _fail(f"{file}: {exc}")
+    typer.echo(f"perplexity: {result.perplexity:.4f} ({result.n_chunks} chunks of {result.n_ctx} tokens, "
+               f"{result.n_scored} tokens scored)")
 
 
 @app.command()
@@ -346,7 +414,7 @@ def bench(
     n_gen: str = typer.Option("128", "-n", "--n-gen", help="Generated tokens for tgN tests (same syntax); 0 = none."),
     repetitions: int = typer.Option(5, "-r", "--repetitions", help="Timed runs per test (after one warm-up)."),
     threads: Optional[str] = typer.Option(None, "-t", "--threads", help="Thread counts, e.g. 1,2 or 1-8*2 "
-                                          "(default: one per CPU)."),
+                                          "(default: one per physical core)."),
     output: str = typer.Option("md", "-o", "--output", help="md, json or csv."),
     peers: str = typer.Option("none", "--peers", help="Peer runtimes to run on the same synthetic shape, interleaved "
                               "A/B, comma list: none, llamacpp (llama.cpp TQ2_0 and TQ1_0 through llama-cpp-python), "
@@ -366,6 +434,10 @@ def bench(
     warmup: bool = typer.Option(True, "--warmup/--no-warmup", help="One untimed run before each test."),
     kernels: bool = typer.Option(False, "--kernels", help="Instead of whole-model tests, time each kernel variant "
                                  "on the models' ternary matrix shapes (1 token and each -p length)."),
+    e2e: bool = typer.Option(False, "--e2e", help="Also time end-to-end generation (stream_generate with the default "
+                             "sampling) next to each tgN: rows e2eN."),
+    parallel: Optional[str] = typer.Option(None, "--parallel", help="Also decode S sequences together next to each "
+                                           "tgN, comma list of S (e.g. 1,2,4,8): rows 'tgN xS', aggregate t/s."),
 ):
     """Measure prompt processing (ppN) and generation (tgN) tokens/s, llama-bench style.
 
@@ -392,7 +464,7 @@ def bench(
         weight_list = bn.parse_weights(weights) if weights is not None else ["i2"]
         p_list = bn.parse_int_list(n_prompt, "-p")
         n_list = bn.parse_int_list(n_gen, "-n")
-        t_list = bn.parse_int_list(threads, "-t", minimum=1) if threads is not None else [os.cpu_count() or 1]
+        t_list = bn.parse_int_list(threads, "-t", minimum=1) if threads is not None else [_default_threads()]
         shapes = list(dict.fromkeys(s.strip() for s in synthetic.split(","))) if synthetic is not None else []
         for shape in shapes:
             syn.get_shape(shape)
@@ -409,7 +481,8 @@ def bench(
                 raise bn.BenchError(f"{path}: no such model file")
         spec = bn.BenchSpec(
             models=[(p.stem, p) for p in paths], n_prompt=p_list, n_gen=n_list, threads=t_list,
-            repetitions=repetitions, membw_bytes=max(membw_mib, 0) << 20, warmup=warmup,
+            repetitions=repetitions, membw_bytes=max(membw_mib, 0) << 20, warmup=warmup, e2e=e2e,
+            parallel=bn.parse_int_list(parallel, "--parallel", minimum=1) if parallel is not None else [],
         )
         bn.validate(spec, models=False)  # the synthetic models are added below, once written
     except (bn.BenchError, ValueError, OSError) as exc:

@@ -110,8 +110,12 @@ def make_config(
     tied: bool = True,
     max_pos: int = 256,
     rope_theta: float = 500000.0,
+    arch: str = "bitnet",
+    head_dim: int | None = None,
 ) -> dict:
-    """config.json of a tiny BitNetForCausalLM (the writers add quantization_config)."""
+    """config.json of a tiny BitNetForCausalLM, or with arch="llama" of a LlamaForCausalLM (Falcon3 /
+    Llama3-8B-1.58 style: SiLU, no sub-norms, head_dim from the config); the writers add
+    quantization_config."""
     ids = special_ids()
     if vocab <= max(ids.values()):
         raise ValueError(f"vocab {vocab} is smaller than the tokenizer's {max(ids.values()) + 1} tokens")
@@ -136,19 +140,28 @@ def make_config(
         "bos_token_id": ids[BOS],
         "eos_token_id": ids[EOS],
         "dtype": "bfloat16",
-    }
+    } | ({"head_dim": head_dim} if head_dim else {}) | ({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-6,
+        "mlp_bias": False,
+    } if arch == "llama" else {})
 
 
 def _quantization_config(mode: str) -> dict:
     return {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": mode}
 
 
-def master_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
+SUB_NORMS = ("self_attn.attn_sub_norm", "mlp.ffn_sub_norm")
+
+
+def master_weights(config: dict, seed: int, sub_norms: tuple[str, str] | None = SUB_NORMS,
+                   linear_norms: bool = False) -> dict[str, torch.Tensor]:
     """Random bf16 master weights that make a non-degenerate model: linear weights N(0, 1/in) keep
-    BitLinear outputs O(1), norms are 1 + noise, embeddings give logits of a few units."""
+    BitLinear outputs O(1), norms are 1 + noise, embeddings give logits of a few units. sub_norms: the
+    checkpoint's names of the attention and FFN sub-norms (None: a layout without them); linear_norms:
+    a `<proj>.rms_norm.weight` per BitLinear (quantization_config use_rms_norm)."""
     rng = np.random.default_rng(seed)
     H, I, V = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    D = H // config["num_attention_heads"]
+    D = config.get("head_dim") or H // config["num_attention_heads"]
     q, kv = config["num_attention_heads"] * D, config["num_key_value_heads"] * D
 
     def normal(shape, std):
@@ -166,11 +179,14 @@ def master_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
         L = f"model.layers.{i}"
         tensors[f"{L}.input_layernorm.weight"] = norm(H)
         tensors[f"{L}.post_attention_layernorm.weight"] = norm(H)
-        tensors[f"{L}.self_attn.attn_sub_norm.weight"] = norm(H)
-        tensors[f"{L}.mlp.ffn_sub_norm.weight"] = norm(I)
+        if sub_norms is not None:
+            tensors[f"{L}.{sub_norms[0]}.weight"] = norm(q)
+            tensors[f"{L}.{sub_norms[1]}.weight"] = norm(I)
         for proj in PROJECTIONS:
             out_features, in_features = shapes[proj]
             tensors[f"{L}.{proj}.weight"] = normal((out_features, in_features), 1.0 / np.sqrt(in_features))
+            if linear_norms:
+                tensors[f"{L}.{proj}.rms_norm.weight"] = norm(in_features)
     return tensors
 
 
@@ -260,9 +276,172 @@ def load_reference(directory: Path):
 
     model, info = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, output_loading_info=True)
     if info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]:
-        raise AssertionError(f"{directory}: checkpoint does not match BitNetForCausalLM: {info}")
+        raise AssertionError(f"{directory}: checkpoint does not match {model.config.architectures}: {info}")
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
             if tensor.is_floating_point():
                 tensor.data = tensor.data.float()
     return model.eval()
+
+
+# --------------------------------------------------------------------------- Llama-architecture BitLinear checkpoints
+
+
+def _llama_quantization_config(packed: bool, use_rms_norm: bool) -> dict:
+    # packed: transformers' BitLinear (weight_scale divides); master: AutoBitLinear online (absmean)
+    qc = {"quant_method": "bitnet", "linear_class": "bitlinear" if packed else "autobitlinear",
+          "quantization_mode": "offline" if packed else "online", "modules_to_not_convert": ["lm_head"]}
+    if use_rms_norm:
+        qc.update(use_rms_norm=True, rms_norm_eps=1e-5)
+    return qc
+
+
+def write_llama_checkpoint(directory: Path, config: dict, seed: int, packed: bool, use_rms_norm: bool) -> Path:
+    """A Llama-architecture BitLinear checkpoint: packed uint8 linears with an inverted weight_scale
+    (Falcon3-1.58bit / Llama3-8B-1.58 style), or bf16 master weights quantized online."""
+    config = {**config, "quantization_config": _llama_quantization_config(packed, use_rms_norm)}
+    tensors = master_weights(config, seed, sub_norms=None, linear_norms=use_rms_norm)
+    if packed:
+        tensors = packed_tensors(tensors, torch.bfloat16)
+        for name in [n for n in tensors if n.endswith(".weight_scale")]:
+            tensors[name] = (1.0 / tensors[name].float()).bfloat16()  # bitlinear divides by it
+    return _write(directory, config, tensors)
+
+
+class Q8Head(torch.nn.Module):
+    """The Q8_R output head of docs/format.md in torch, for a reference model converted with --head q8:
+    weights absmax int8 per row, the input absmax int8 per token ([-127, 127]), exact integer dot
+    products, then (dot / s) * scale in float32."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        from bitnet_run.fileformat import quantize_q8r
+
+        q, scale = quantize_q8r(weight.detach().float().numpy())
+        self.q = torch.from_numpy(q.astype(np.float64))
+        self.scale = torch.from_numpy(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+        xq = (x * s).round().clamp(-127, 127)
+        dot = (xq.double() @ self.q.T).float()  # exact: |dot| < 2^53
+        return (dot / s) * self.scale
+
+
+def use_q8_head(model) -> None:
+    """Gives a transformers model the Q8_R head of its output weights; a tied embedding becomes the
+    dequantized Q8_R rows too (what the runtime's embedding lookup reads)."""
+    from bitnet_run.fileformat import dequantize_q8r, quantize_q8r
+
+    weight = model.lm_head.weight
+    head = Q8Head(weight)
+    if model.config.tie_word_embeddings:
+        q, scale = quantize_q8r(weight.detach().float().numpy())
+        model.model.embed_tokens.weight = torch.nn.Parameter(torch.from_numpy(dequantize_q8r(q, scale)))
+    model.lm_head = head
+
+
+# --------------------------------------------------------------------------- 1bitLLM bitnet_b1_58 checkpoints
+
+ONEBIT_SUB_NORMS = ("self_attn.inner_attn_ln", "mlp.ffn_layernorm")
+
+
+def sentencepiece_model(directory: Path, vocab_size: int = 400) -> Path:
+    """A small sentencepiece BPE model like Llama's (byte fallback, identity normalization, <unk> <s> </s>
+    = 0 1 2), trained on the same text as the BPE tokenizer above."""
+    import sentencepiece as spm
+
+    directory.mkdir(parents=True, exist_ok=True)
+    text = directory / "spm-train.txt"
+    text.write_text("\n".join(_training_text()), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(directory / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, minloglevel=2,
+    )
+    text.unlink()
+    (directory / "tokenizer.vocab").unlink()
+    return directory / "tokenizer.model"
+
+
+def write_1bitllm_checkpoint(directory: Path, hidden: int, intermediate: int, heads: int, kv_heads: int, tied: bool,
+                             seed: int, layers: int = 2, vocab: int = 402) -> Path:
+    """A tiny 1bitLLM/bitnet_b1_58-style checkpoint: BitnetForCausalLM (model_type llama), fp16 latent
+    weights, sub-norms self_attn.inner_attn_ln [H] and mlp.ffn_layernorm [I], SiLU, a sentencepiece
+    tokenizer.model (no tokenizer.json), vocab 2 larger than the tokenizer as 32002 is."""
+    directory = Path(directory)
+    config = {
+        "architectures": ["BitnetForCausalLM"], "model_type": "llama", "vocab_size": vocab, "hidden_size": hidden,
+        "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "hidden_act": "silu", "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "rope_scaling": None, "tie_word_embeddings": tied,
+        "attention_bias": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 32000 % vocab,
+        "torch_dtype": "float16", "weight_bits": 1, "input_bits": 8,
+    }
+    tensors = {n: t.half() for n, t in master_weights(config, seed, ONEBIT_SUB_NORMS).items()}
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    sentencepiece_model(directory)
+    (directory / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "bos_token": "<s>",
+                                                                 "eos_token": "</s>", "unk_token": "<unk>"}))
+    return directory
+
+
+class OneBitReference:
+    """An independent float32 forward pass of 1bitLLM's BitnetForCausalLM, written from its published
+    description (transformers has no class for it): Llama decoder, RMSNorm x / sqrt(mean(x^2) + eps) * w,
+    RoPE rotate_half with theta, GQA; BitLinear = weights ternarized per tensor with absmean
+    (w = clamp(round(W / mean|W|), -1, 1) * mean|W|) and inputs per token with absmax to int8
+    (x_q = clamp(round(x * 127 / max|x|), -128, 127) * max|x| / 127); the attention output normed by
+    self_attn.inner_attn_ln before o_proj; FFN down_proj(ffn_layernorm(silu(gate(n)) * up(n)))."""
+
+    def __init__(self, directory: Path):
+        self.config = json.loads((Path(directory) / "config.json").read_text())
+        self.w = {n: t.float().numpy() for n, t in load_file(Path(directory) / "model.safetensors").items()}
+
+    def rmsnorm(self, x, weight):
+        x = x.astype(np.float32)
+        return (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(self.config["rms_norm_eps"]))) * weight
+
+    def bitlinear(self, name: str, x: np.ndarray) -> np.ndarray:
+        W = self.w[name]
+        scale = np.float32(1.0) / np.maximum(np.mean(np.abs(W), dtype=np.float32), np.float32(1e-5))
+        wq = np.clip(np.rint(W * scale), -1, 1)
+        s = np.float32(127.0) / np.maximum(np.abs(x).max(axis=-1, keepdims=True), np.float32(1e-5))
+        xq = np.clip(np.rint(x * s), -128, 127)
+        return ((xq.astype(np.float64) @ wq.T.astype(np.float64)) / s.astype(np.float64) / scale).astype(np.float32)
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        c = self.config
+        H, nh, nkv = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
+        D, T = H // nh, len(ids)
+        inv = (np.float32(1.0) / np.float32(c["rope_theta"]) ** (np.arange(0, D, 2, dtype=np.float32) / np.float32(D)))
+        ang = np.arange(T, dtype=np.float32)[:, None] * inv[None, :]
+        cos, sin = np.cos(np.concatenate([ang, ang], 1)), np.sin(np.concatenate([ang, ang], 1))
+
+        def rope(v):  # [T, heads, D]
+            rot = np.concatenate([-v[..., D // 2:], v[..., : D // 2]], -1)
+            return v * cos[:, None, :] + rot * sin[:, None, :]
+
+        x = self.w["model.embed_tokens.weight"][ids]
+        mask = np.triu(np.full((T, T), -np.inf, dtype=np.float32), 1)
+        for i in range(c["num_hidden_layers"]):
+            L = f"model.layers.{i}"
+            n = self.rmsnorm(x, self.w[f"{L}.input_layernorm.weight"])
+            q = rope(self.bitlinear(f"{L}.self_attn.q_proj.weight", n).reshape(T, nh, D))
+            k = rope(self.bitlinear(f"{L}.self_attn.k_proj.weight", n).reshape(T, nkv, D))
+            v = self.bitlinear(f"{L}.self_attn.v_proj.weight", n).reshape(T, nkv, D)
+            k, v = np.repeat(k, nh // nkv, axis=1), np.repeat(v, nh // nkv, axis=1)
+            att = np.einsum("thd,shd->hts", q, k) / np.float32(np.sqrt(D)) + mask
+            att = np.exp(att - att.max(-1, keepdims=True))
+            att /= att.sum(-1, keepdims=True)
+            a = np.einsum("hts,shd->thd", att, v).reshape(T, H)
+            a = self.rmsnorm(a, self.w[f"{L}.self_attn.inner_attn_ln.weight"])
+            x = x + self.bitlinear(f"{L}.self_attn.o_proj.weight", a)
+            n = self.rmsnorm(x, self.w[f"{L}.post_attention_layernorm.weight"])
+            g = self.bitlinear(f"{L}.mlp.gate_proj.weight", n)
+            g = g / (1 + np.exp(-g)) * self.bitlinear(f"{L}.mlp.up_proj.weight", n)
+            x = x + self.bitlinear(f"{L}.mlp.down_proj.weight", self.rmsnorm(g, self.w[f"{L}.mlp.ffn_layernorm.weight"]))
+        head = self.w["model.embed_tokens.weight" if c["tie_word_embeddings"] else "lm_head.weight"]
+        return self.rmsnorm(x, self.w["model.norm.weight"]) @ head.T

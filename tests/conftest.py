@@ -18,26 +18,34 @@ def tiny_model_factory(tmp_path_factory):
     the transformers reference on it."""
     from bitnet_run import Model
     from bitnet_run.convert import convert_checkpoint
-    from checkpoints import load_reference, make_config, write_master_checkpoint, write_packed_checkpoint
+    from checkpoints import (load_reference, make_config, use_q8_head, write_llama_checkpoint, write_master_checkpoint,
+                             write_packed_checkpoint)
 
     built = {}
 
     def build(fmt: str, hidden: int, heads: int, kv_heads: int, tied: bool, seed: int, layers: int = 2,
-              weights: str = "i2"):
-        """weights: the converter's ternary encoding (i2, tl1, tl2)."""
-        key = (fmt, hidden, heads, kv_heads, tied, seed, layers, weights)
+              weights: str = "i2", arch: str = "bitnet", head_dim: int | None = None, use_rms_norm: bool = False,
+              head: str | None = None):
+        """weights: the converter's ternary encoding (i2, tl1, tl2); head: its output head encoding (None:
+        the checkpoint's, "q8": Q8_R, the reference's head then computing the same Q8_R head);
+        arch: "bitnet" (BitNetForCausalLM) or "llama" (LlamaForCausalLM with BitLinears)."""
+        key = (fmt, hidden, heads, kv_heads, tied, seed, layers, weights, arch, head_dim, use_rms_norm, head)
         if key not in built:
-            root = tmp_path_factory.mktemp(f"{fmt}-{hidden}-{heads}-{kv_heads}-{int(tied)}-{seed}-{weights}")
-            config = make_config(
-                hidden=hidden, intermediate=INTERMEDIATE[hidden], layers=layers, heads=heads,
-                kv_heads=kv_heads, tied=tied,
-            )
-            writer = write_packed_checkpoint if fmt == "packed" else write_master_checkpoint
-            writer(root / "hf", config, seed)
-            path = convert_checkpoint(root / "hf", root / "model.bnr", weights=weights)
+            root = tmp_path_factory.mktemp(f"{arch}-{fmt}-{hidden}-{heads}-{kv_heads}-{int(tied)}-{seed}-{weights}")
+            shape = dict(hidden=hidden, intermediate=INTERMEDIATE[hidden], layers=layers, heads=heads,
+                         kv_heads=kv_heads, tied=tied)
+            if arch == "llama":
+                write_llama_checkpoint(root / "hf", make_config(arch="llama", head_dim=head_dim, **shape), seed,
+                                       packed=fmt == "packed", use_rms_norm=use_rms_norm)
+            else:
+                writer = write_packed_checkpoint if fmt == "packed" else write_master_checkpoint
+                writer(root / "hf", make_config(**shape), seed)
+            path = convert_checkpoint(root / "hf", root / "model.bnr", weights=weights, head=head)
+            reference = load_reference(root / "hf")
+            if head == "q8":
+                use_q8_head(reference)
             built[key] = SimpleNamespace(
-                model=Model(path, n_threads=2), reference=load_reference(root / "hf"), seed=seed,
-                checkpoint=root / "hf", path=path,
+                model=Model(path, n_threads=2), reference=reference, seed=seed, checkpoint=root / "hf", path=path,
             )
         return built[key]
 

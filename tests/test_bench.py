@@ -411,3 +411,52 @@ def test_ratio_columns():
     peer = [{"runtime": "llama.cpp TQ2_0", "weights": "TQ2_0"}]
     assert bench.ratio_columns(ours[:1] + peer) == [("ours/peer", "ratio_vs")]
     assert bench.ratio_columns(ours + peer) == [("I2/peer", "ratio_vs_i2"), ("TL1/peer", "ratio_vs_tl1")]
+
+
+def test_bench_e2e_and_parallel_rows(cache_dir, tiny_path):
+    """--e2e and --parallel add rows of ours next to each tg test, timed inside it."""
+    result = _invoke(cache_dir, "-p", "0", "-n", "4", "-r", "2", "-t", "1", "--membw-mib", "4", "--e2e",
+                     "--parallel", "1,3", "-o", "json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [(r["test"], r["n_parallel"]) for r in rows] == [("tg4", None), ("e2e4", None), ("tg4 x1", 1), ("tg4 x3", 3)]
+    single = rows[0]["decode_ceiling_ts"]
+    for r in rows:
+        assert _positive(r["avg_ts"]) and r["n_gen"] == 4
+        assert r["decode_ceiling_ts"] == pytest.approx(single * (r["n_parallel"] or 1))
+    bad = _invoke(cache_dir, "-p", "8", "-n", "0", "-r", "1", "-t", "1", "--e2e")
+    assert bad.exit_code == 1 and "-n" in bad.stderr
+
+
+def test_e2e_and_parallel_timers_do_the_work(tiny_path):
+    """e2eN generates N tokens with N evaluations; tgN xS evaluates S*N tokens, N per sequence."""
+    from bitnet_run.context import Context
+
+    model = Model(tiny_path, n_threads=1, n_ctx=16)
+    tokens = np.arange(5, dtype=np.int32)
+    before = model.n_evaluated
+    bench._time_e2e(model, tokens)
+    assert model.last_stats.generated_tokens == 5 and model.n_evaluated - before == 5
+    context = Context(model, n_ctx=16, n_seq=3, n_threads=1)
+    bench._time_parallel(context, tokens, 3, model.n_vocab)
+    assert context.n_evaluated == 15 and [context.n_past(s) for s in range(3)] == [5, 5, 5]
+
+
+def test_synthetic_shapes_of_every_family(tmp_path):
+    """The released layouts: Llama-architecture shapes have no sub-norms, SiLU, a dividing weight scale
+    and their own head_dim; bitnet-3b is SiLU with sub-norms; and such a file loads and runs."""
+    from bitnet_run import Model
+
+    for name in ("falcon3-1b", "falcon3-3b", "falcon3-10b", "falcon-e-3b", "llama3-8b-1.58"):
+        hp = syn.get_shape(name).hp
+        assert (hp.hidden_act, hp.sub_norms, hp.weight_scale) == ("silu", False, "divide"), name
+        names = {t.name for t in syn.tensor_plan(name)}
+        assert "model.layers.0.self_attn.attn_sub_norm.weight" not in names and "lm_head.weight" in names, name
+    assert syn.get_shape("falcon3-1b").head_dim == 256 and syn.get_shape("bitnet-3b").head_dim == 100
+    assert syn.get_shape("bitnet-3b").hp.hidden_act == "silu" and syn.get_shape("bitnet-3b").hp.sub_norms
+    shape = syn.make_llama_shape("tiny-llama", 512, 128, 344, 2, 4, 1, False, 64, 10000.0, "test", head_dim=48)
+    for weights in syn.WEIGHTS:
+        path = syn.write_synthetic(shape, tmp_path / f"tiny-llama-{weights}.bnr", weights=weights)
+        model = Model(path, n_threads=1)
+        assert model.hparams["hidden_act"] == 1 and model.hparams["sub_norms"] == 0
+        assert np.all(np.isfinite(model.logits([0, 5, 9])))

@@ -101,6 +101,31 @@ def test_chat_arithmetic_accuracy_matches_transformers(demo, reference):
     assert abs(ours - theirs) <= 4  # 2 points of 200 questions
 
 
+def test_ten_turn_chat_evaluates_each_token_once(demo):
+    """Each turn evaluates only what follows the cached conversation; the replies are those of a fresh
+    evaluation of the whole conversation every turn."""
+    questions = [json.loads(line) for line in (HELDOUT / "arith.jsonl").read_text().splitlines()][:10]
+    chat, fresh = demo.new_context(), demo.new_context()
+    messages = []
+    for i, q in enumerate(questions):
+        messages.append({"role": "user", "content": q["question"]})
+        before = chat.n_evaluated
+        responses = list(chat.stream_chat_generate(messages, max_tokens=ANSWER_TOKENS, temperature=0.0))
+        reply = "".join(r.text for r in responses)
+        stats = chat.last_stats
+        assert chat.n_evaluated - before == stats.prompt_tokens + stats.eval_tokens
+        if i > 0:
+            assert stats.cached_tokens > 0
+        fresh.reset()
+        assert fresh.chat(messages, max_tokens=ANSWER_TOKENS, temperature=0.0) == reply
+        assert fresh.last_stats.cached_tokens == 0
+        messages.append({"role": "assistant", "content": reply})
+    # the final transcript: the last prompt and the reply tokens after it that were evaluated (all but
+    # the last one sampled, a stop token or the max_tokens-th)
+    transcript = chat.tokenize_chat(messages[:-1]) + [r.token for r in responses[:-1]]
+    assert chat.n_evaluated == len(transcript)
+
+
 def test_readme_main_command_uses_the_demo_model():
     env = {k: v for k, v in os.environ.items() if k != "BITNET_RUN_MODEL"}
     result = subprocess.run(
@@ -119,4 +144,8 @@ def test_chat_command_with_the_demo_model():
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert re.search(r"\d", result.stdout), result.stdout
+    # the reply is the greedy answer of the API (the prompt marker "> " comes first on stdout)
+    expected = Model(PACKED, n_threads=1).chat([{"role": "user", "content": "What is 12 plus 30?"}],
+                                               max_tokens=12, temperature=0.0)
+    assert _answer(expected) == 42
+    assert result.stdout.startswith("> " + expected + "\n"), result.stdout

@@ -3,6 +3,8 @@ bit: the ternary matmuls (I2, TL1, TL2) on awkward shapes and extreme activation
 output-head matmul, and whole-model logits with each variant forced through BITNET_RUN_KERNELS."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -103,6 +105,20 @@ def test_reference_is_first_and_names_are_unique():
     assert len(set(VARIANTS)) == len(VARIANTS)
     assert lib.bn_kernels_name(len(VARIANTS)) == ffi.NULL
     assert isinstance(ffi.string(lib.bn_kernels_cpu_features()).decode(), str)
+
+
+def test_variants_follow_the_cpu():
+    """Every variant whose CPU features are present is offered (a table with an entry left unset is
+    not: kernels.c checks them, so such a variant is missing here). tests/test_arm.py: the same on AArch64."""
+    if os.uname().machine != "x86_64":
+        pytest.skip("the x86-64 variants")
+    features = set(ffi.string(lib.bn_kernels_cpu_features()).decode().split())
+    want = ["ref"]
+    if {"avx2", "f16c"} <= features:
+        want.append("avx2")
+        if {"avx512bw", "avx512vnni"} <= features:
+            want.append("avx512vnni")
+    assert VARIANTS == want
 
 
 def test_bad_variant_is_an_error():
@@ -439,12 +455,13 @@ def _raw_eval(model, tokens) -> np.ndarray:
     n = len(tokens)
     logits = np.zeros((n, model.n_vocab), dtype=np.float32)
     toks = np.asarray(tokens, dtype=np.int32)
-    status = lib.bn_eval(model._ctx, ffi.from_buffer("int32_t[]", toks), n, 0, ffi.from_buffer("float[]", logits), 1)
-    assert status == lib.BN_OK, ffi.string(lib.bn_context_error(model._ctx)).decode()
+    ctx = model.context._ctx
+    status = lib.bn_eval(ctx, ffi.from_buffer("int32_t[]", toks), n, 0, ffi.from_buffer("float[]", logits), 1)
+    assert status == lib.BN_OK, ffi.string(lib.bn_context_error(ctx)).decode()
     # then one decoding step (n_tok == 1 kernels) after the prompt
     step = np.zeros(model.n_vocab, dtype=np.float32)
     nxt = np.asarray([tokens[0]], dtype=np.int32)
-    status = lib.bn_eval(model._ctx, ffi.from_buffer("int32_t[]", nxt), 1, n, ffi.from_buffer("float[]", step), 0)
+    status = lib.bn_eval(ctx, ffi.from_buffer("int32_t[]", nxt), 1, n, ffi.from_buffer("float[]", step), 0)
     assert status == lib.BN_OK
     return np.concatenate([logits, step[None]], axis=0)
 

@@ -8,14 +8,47 @@ rounding tie whose int8 value flips by one and perturbs later positions. Hence:
   median <= 0.1%), the tail loose (no token beyond 10%), argmax agreement >= 97%;
 - greedy generation of 32 tokens: the same ids, or, where a tie flipped a choice, >= 95% agreement
   teacher-forced on the reference's continuation.
+
+The KV cache is f16 by default. Its rounding (relative 2^-11 per key/value) moves the logits of these
+random checkpoints by ~1% of their scale (the int8 activation rounding of later layers amplifies it), so
+against plain transformers the bulk bound would fail. The f16 runtime is therefore compared to
+transformers whose attention sees its keys (after RoPE) and values rounded to f16 exactly as the
+runtime stores them, and an f32 cache to plain transformers with the tolerances above. One change: for
+f16 the median bound is 1e-2 instead of 1e-3. On packed-mha-d32-tied the f16 reference itself moves by a
+median 0.55% of scale when 1e-6 of noise is added to its attention output (activations land near int8
+rounding ties there), and ours sits at that distance (0.54%); the other cases agree to ~5e-7.
 """
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import pytest
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from bitnet_run import Model
 from checkpoints import load_reference
+
+
+def _f16_kv_attention(module, query, key, value, *args, **kwargs):
+    """transformers' sdpa attention over keys and values rounded to f16, as the runtime's f16 cache holds them."""
+    return sdpa_attention_forward(module, query, key.half().float(), value.half().float(), *args, **kwargs)
+
+
+AttentionInterface.register("f16_kv", _f16_kv_attention)
+
+
+@contextlib.contextmanager
+def f16_kv(reference):
+    """The reference with an f16 KV cache for the duration of the block."""
+    saved = reference.config._attn_implementation
+    reference.config._attn_implementation = "f16_kv"
+    try:
+        yield reference
+    finally:
+        reference.config._attn_implementation = saved
 
 SEQ_LEN = 45  # odd on purpose
 N_GENERATE = 32
@@ -32,6 +65,19 @@ CASES = {
     "tl1-master-gqa4-d32-tied": dict(fmt="master", hidden=256, heads=8, kv_heads=2, tied=True, seed=3, weights="tl1"),
     "tl2-packed-gqa2-d64-untied": dict(fmt="packed", hidden=256, heads=4, kv_heads=2, tied=False, seed=2, weights="tl2"),
     "tl2-master-mha-d64-untied": dict(fmt="master", hidden=128, heads=2, kv_heads=2, tied=False, seed=4, weights="tl2"),
+    # LlamaForCausalLM with BitLinears (Falcon3 / Llama3-8B-1.58 / Falcon-E): SiLU, no sub-norms, packed
+    # with an inverted weight_scale or bf16 master weights, use_rms_norm on and off, GQA 4:1, head_dim
+    # from the config (48 and 40: n_heads * head_dim != hidden), every ternary encoding and the q8 head
+    "llama-packed-gqa4-d48-untied-rms": dict(arch="llama", fmt="packed", hidden=128, heads=4, kv_heads=1, head_dim=48,
+                                             tied=False, use_rms_norm=True, seed=11),
+    "llama-packed-gqa4-tied-tl1": dict(arch="llama", fmt="packed", hidden=256, heads=4, kv_heads=1, tied=True, seed=12,
+                                       weights="tl1"),
+    "llama-master-gqa4-d40-untied-rms-tl2": dict(arch="llama", fmt="master", hidden=128, heads=8, kv_heads=2,
+                                                 head_dim=40, tied=False, use_rms_norm=True, seed=13, weights="tl2"),
+    "llama-master-gqa4-tied-i2": dict(arch="llama", fmt="master", hidden=256, heads=4, kv_heads=1, tied=True, seed=14),
+    # the 8-bit head (untied): the reference then computes the same Q8_R head (checkpoints.Q8Head)
+    "llama-master-d48-untied-tl2-q8": dict(arch="llama", fmt="master", hidden=128, heads=4, kv_heads=1, head_dim=48,
+                                           tied=False, seed=17, weights="tl2", head="q8"),
 }
 
 
@@ -68,20 +114,31 @@ def test_bitlinear_matches_transformers_tightly(case):
         assert rel <= 1e-5, f"{name}: relative error {rel:.2e}"
 
 
-def test_logits_match_transformers(case):
-    model, reference = case.model, case.reference
-    ids = _prompt_ids(model, SEQ_LEN, seed=case.seed)
-    ours = model.logits(ids)
-    ref = _reference_logits(reference, ids)
-    assert ours.shape == ref.shape == (SEQ_LEN, model.n_vocab)
-
+def _assert_logits_match(ours: np.ndarray, ref: np.ndarray, n_vocab: int, median: float = 1e-3) -> None:
+    assert ours.shape == ref.shape == (SEQ_LEN, n_vocab)
     scale = np.abs(ref).max()
     per_token = np.abs(ours - ref).max(axis=1) / scale
-    assert np.median(per_token) <= 1e-3, f"median per-token max |dlogit| {np.median(per_token):.2e} of scale"
+    assert np.median(per_token) <= median, f"median per-token max |dlogit| {np.median(per_token):.2e} of scale"
     assert np.percentile(per_token, 90) <= 0.02, f"p90 {np.percentile(per_token, 90):.2e} of scale"
     assert per_token.max() <= 0.10, f"worst token {per_token.max():.2e} of scale"
     agreement = np.mean(ours.argmax(axis=1) == ref.argmax(axis=1))
     assert agreement >= 0.97, f"argmax agreement {agreement:.3f}"
+
+
+def test_logits_match_transformers(case):
+    """The default f16 cache against transformers with f16-rounded keys and values."""
+    model, reference = case.model, case.reference
+    assert model.context.kv_type == "f16"
+    ids = _prompt_ids(model, SEQ_LEN, seed=case.seed)
+    with f16_kv(reference):
+        ref = _reference_logits(reference, ids)
+    _assert_logits_match(model.logits(ids), ref, model.n_vocab, median=1e-2)
+
+
+def test_f32_cache_logits_match_transformers(case):
+    model = Model(case.path, n_threads=2, kv_type="f32")
+    ids = _prompt_ids(model, SEQ_LEN, seed=case.seed)
+    _assert_logits_match(model.logits(ids), _reference_logits(case.reference, ids), model.n_vocab)
 
 
 def test_greedy_generation_matches_transformers(case):
@@ -89,7 +146,7 @@ def test_greedy_generation_matches_transformers(case):
     prompt = _prompt_ids(model, 9, seed=case.seed + 100)
     # a pad id that is not in the prompt, so generate() masks nothing (REFERENCE.md section 7)
     pad = next(i for i in range(model.n_vocab) if i not in prompt)
-    with torch.no_grad():
+    with torch.no_grad(), f16_kv(reference):
         out = reference.generate(
             torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
             max_new_tokens=N_GENERATE, min_new_tokens=N_GENERATE, do_sample=False, pad_token_id=pad,

@@ -1,8 +1,16 @@
 """`bitnet-run bench`: prompt-processing (ppN) and generation (tgN) throughput, llama-bench style.
 
-What is timed is the runtime's evaluation only (Model._eval on token ids): no tokenisation, no
+ppN and tgN time the runtime's evaluation only (Model._eval on token ids): no tokenisation, no
 sampling. ppN evaluates N random token ids in one batch from position 0 with an empty cache; tgN
-evaluates N tokens one at a time from position 0 (as llama-bench's tg does). Each test runs once
+evaluates N tokens one at a time from position 0 (as llama-bench's tg does). Two more kinds of
+ours only (peers have no rows for them):
+These run inside each tgN test, interleaved with it (and each other) run by run:
+- e2eN (`--e2e`): end-to-end generation, what an application sees: Model.stream_generate from a
+  one-token prompt to N tokens with the default sampling parameters (stop tokens ignored), timed
+  whole: the same N evaluations as tgN plus sampling, detokenization and the Python loop.
+- tgN xS (`--parallel S,...`): S sequences decoded together, N steps of one batch of S tokens (one
+  per sequence, bn_decode), from position 0; t/s is the aggregate S*N / seconds.
+Each test runs once
 untimed (warm-up: it also pages the mapped weights in), then `repetitions` timed runs; the report is
 mean +- sample standard deviation of tokens/s over the repetitions.
 
@@ -53,7 +61,7 @@ FIELDS = (
     "model_size", "model_n_params", "linear_bpw", "bytes_per_token", "n_threads", "test",
     "n_prompt", "n_gen", "repetitions", "avg_ts", "stddev_ts", "samples_ts", "membw_gbps",
     "decode_ceiling_ts", "pct_of_ceiling", "peak_rss_mib", "test_time", "ratio_vs",
-    "weights", *RATIO_FIELDS.values(),
+    "weights", *RATIO_FIELDS.values(), "n_parallel",
 )
 
 
@@ -255,15 +263,40 @@ def _time_tg(model, tokens: np.ndarray) -> float:
     return time.perf_counter() - start
 
 
+def _time_e2e(model, tokens: np.ndarray) -> float:
+    """tokens.size generated tokens from the one-token prompt tokens[:1], default sampling, seeded."""
+    model.reset()
+    start = time.perf_counter()
+    for _ in model.stream_generate(tokens[:1].tolist(), max_tokens=int(tokens.size), seed=0, stop_ids=()):
+        pass
+    return time.perf_counter() - start
+
+
+def _time_parallel(context, tokens: np.ndarray, n_seq: int, n_vocab: int) -> float:
+    """tokens.size steps, each one bn_decode batch of n_seq tokens (sequence s gets tokens + s)."""
+    for seq in range(n_seq):
+        context.clear(seq)
+    seq_ids = list(range(n_seq))
+    start = time.perf_counter()
+    for pos in range(tokens.size):
+        batch = [(int(tokens[pos]) + seq) % n_vocab for seq in seq_ids]
+        context.decode(batch, seq_ids, [pos] * n_seq)
+    return time.perf_counter() - start
+
+
 class _ModelRunner:
     """bitnet-run's Model at one thread count, behind the timer interface of peers.LlamaCppRunner
-    (time_pp, time_tg, n_vocab, close), so that ours and the peers are timed by the same loop."""
+    (time_pp, time_tg, n_vocab, close), so that ours and the peers are timed by the same loop; plus
+    time_e2e and time_parallel, which only ours has. n_seq: sequence slots of the batched-decoding
+    context (made on first use)."""
 
-    def __init__(self, path: Path, n_threads: int, n_ctx: int):
+    def __init__(self, path: Path, n_threads: int, n_ctx: int, n_seq: int = 1):
         from ..model import Model
 
         self.model = Model(path, n_threads=n_threads, n_ctx=n_ctx)
         self.n_vocab = self.model.n_vocab
+        self.n_seq = n_seq
+        self._batched = None
 
     def time_pp(self, tokens: np.ndarray) -> float:
         return _time_pp(self.model, tokens)
@@ -271,7 +304,21 @@ class _ModelRunner:
     def time_tg(self, tokens: np.ndarray) -> float:
         return _time_tg(self.model, tokens)
 
+    def time_e2e(self, tokens: np.ndarray) -> float:
+        return _time_e2e(self.model, tokens)
+
+    def time_parallel(self, tokens: np.ndarray, n_seq: int) -> float:
+        if self._batched is None:
+            from ..context import Context
+
+            self._batched = Context(self.model, n_ctx=self.model.n_ctx, n_seq=self.n_seq,
+                                    n_threads=self.model.n_threads, kv_type=self.model.kv_type)
+        return _time_parallel(self._batched, tokens, n_seq, self.n_vocab)
+
     def close(self) -> None:
+        if self._batched is not None:
+            self._batched.close()
+            self._batched = None
         self.model = None  # the weights are unmapped once the last reference goes
 
 
@@ -285,6 +332,8 @@ class BenchSpec:
     membw_bytes: int = DEFAULT_MEMBW_MIB << 20
     warmup: bool = True
     seed: int = 0
+    e2e: bool = False  # e2eN rows next to each tgN
+    parallel: list[int] = field(default_factory=list)  # tgN xS rows for each S
     # model label -> peers run on the same shape: (runtime name, GGUF path, peers.gguf_facts dict);
     # a "llama_bench" entry in the facts (a path) times that peer with its own llama-bench binary
     # (peers.LlamaBenchRunner), else it runs in process through llama-cpp-python
@@ -300,6 +349,10 @@ def validate(spec: BenchSpec, models: bool = True) -> None:
         raise BenchError("-t: thread counts must be >= 1")
     if not any(spec.n_prompt) and not any(spec.n_gen):
         raise BenchError("nothing to run: every -p and -n value is 0")
+    if (spec.e2e or spec.parallel) and not any(spec.n_gen):
+        raise BenchError("--e2e and --parallel time generation: give a -n value above 0")
+    if spec.parallel and min(spec.parallel) < 1:
+        raise BenchError("--parallel: sequence counts must be >= 1")
     if spec.membw_bytes < 1 << 20:
         raise BenchError(f"--membw-mib must be >= 1, got {spec.membw_bytes >> 20}")
     if spec.seed < 0:
@@ -351,12 +404,13 @@ def _groups(spec: BenchSpec, all_facts: dict, kernels: str | None, cpu: str) -> 
     return list(groups.values())
 
 
-def _open(group: list[_Contender], n_threads: int, n_ctx: int, n_batch: int, log: Callable[[str], None]) -> None:
+def _open(group: list[_Contender], n_threads: int, n_ctx: int, n_batch: int, n_seq: int,
+          log: Callable[[str], None]) -> None:
     """Load every contender of the group at n_threads (all stay loaded: their runs interleave)."""
     try:
         for c in group:
             if c.fields["runtime"] == OURS:
-                c.runner = _ModelRunner(Path(c.fields["model_path"]), n_threads, n_ctx)
+                c.runner = _ModelRunner(Path(c.fields["model_path"]), n_threads, n_ctx, n_seq)
             elif c.llama_bench is not None:
                 from .peers import LlamaBenchRunner
 
@@ -380,46 +434,59 @@ def _close(group: list[_Contender]) -> None:
     gc.collect()  # unmap these models before the next ones are measured
 
 
-def _measure(group: list[_Contender], kind: str, tokens: np.ndarray, spec: BenchSpec,
-             log: Callable[[str], None], what: str) -> list[list[float]]:
-    """Tokens/s samples of every contender on the same tokens: the warm-ups of all first, then the
-    timed runs interleaved run by run (A, B, C, A, B, C, ...), so that a drift of the machine hits
-    every contender alike."""
-    timers = [c.runner.time_pp if kind == "pp" else c.runner.time_tg for c in group]
+def _timer(runner, kind: str, n_seq: int) -> Callable[[np.ndarray], float]:
+    """The runner's timer for a test kind: pp, tg, e2e or par (n_seq sequences; e2e and par: ours only)."""
+    if kind == "par":
+        return lambda tokens: runner.time_parallel(tokens, n_seq)
+    return getattr(runner, f"time_{kind}")
+
+
+def _measure(timers: list[Callable[[np.ndarray], float]], kind: str, tokens: np.ndarray, spec: BenchSpec,
+             log: Callable[[str], None], what: str, n_seqs: list[int]) -> list[list[float]]:
+    """Tokens/s samples of every timer on the same tokens: the warm-ups of all first, then the timed
+    runs interleaved run by run (A, B, C, A, B, C, ...), so that a drift of the machine hits every
+    contender alike. A timer of n_seqs[i] sequences counts that many tokens per token of `tokens`."""
     if spec.warmup:
         log(f"{what}, warm-up")
         for timer in timers:
             timer(tokens if kind == "pp" else tokens[:TG_WARMUP_TOKENS])
-    samples: list[list[float]] = [[] for _ in group]
+    samples: list[list[float]] = [[] for _ in timers]
     for rep in range(spec.repetitions):
         log(f"{what}, run {rep + 1}/{spec.repetitions}")
-        for timer, out in zip(timers, samples):
+        for timer, out, n_seq in zip(timers, samples, n_seqs):
             seconds = timer(tokens)
-            out.append(tokens.size / seconds if seconds > 0 else float("inf"))
+            out.append(n_seq * tokens.size / seconds if seconds > 0 else float("inf"))
     return samples
 
 
+def _test_name(kind: str, n: int, n_seq: int) -> str:
+    return f"tg{n} x{n_seq}" if kind == "par" else f"{kind}{n}"
+
+
 def _row(fields: dict, samples: list[float], kind: str, n: int, n_threads: int, gbps: float,
-         repetitions: int, peak_mib: float, now: str) -> dict:
+         repetitions: int, peak_mib: float, now: str, n_seq: int = 1) -> dict:
+    """One result row. The ceiling of n_seq sequences decoded together is n_seq times one sequence's:
+    a step reads the weights once for all of them."""
     avg = statistics.fmean(samples)
-    ceiling = gbps * 1e9 / fields["bytes_per_token"]
+    ceiling = n_seq * gbps * 1e9 / fields["bytes_per_token"]
     return {
         **fields,
         "n_threads": n_threads,
-        "test": f"{kind}{n}",
+        "test": _test_name(kind, n, n_seq),
         "n_prompt": n if kind == "pp" else 0,
-        "n_gen": n if kind == "tg" else 0,
+        "n_gen": n if kind != "pp" else 0,
         "repetitions": repetitions,
         "avg_ts": avg,
         "stddev_ts": statistics.stdev(samples) if len(samples) > 1 else 0.0,
         "samples_ts": samples,
         "membw_gbps": gbps,
         "decode_ceiling_ts": ceiling,
-        "pct_of_ceiling": 100.0 * avg / ceiling if kind == "tg" else None,
+        "pct_of_ceiling": 100.0 * avg / ceiling if kind != "pp" else None,
         "peak_rss_mib": peak_mib,
         "test_time": now,
         "ratio_vs": None,
         **dict.fromkeys(RATIO_FIELDS.values()),
+        "n_parallel": n_seq if kind == "par" else None,
     }
 
 
@@ -452,8 +519,11 @@ def run(spec: BenchSpec, log: Callable[[str], None] | None = None) -> list[dict]
     validate(spec)
     log = log or (lambda message: None)
     tests = [("pp", n) for n in spec.n_prompt if n > 0] + [("tg", n) for n in spec.n_gen if n > 0]
+    # the generation variants of ours run inside each tg test, interleaved with it run by run
+    variants = [("e2e", 1)] * spec.e2e + [("par", s) for s in spec.parallel]
     n_ctx = max(n for _, n in tests)
     n_batch = max([n for kind, n in tests if kind == "pp"] + [1])
+    n_seq = max(spec.parallel, default=1)
     all_facts = {}
     for label, path in spec.models:  # every model checked before anything is timed
         facts = all_facts[label, path] = model_facts(path, label)
@@ -472,19 +542,23 @@ def run(spec: BenchSpec, log: Callable[[str], None] | None = None) -> list[dict]
     for group in groups:
         label = group[0].fields["model"]
         for t in spec.threads:
-            _open(group, t, n_ctx, n_batch, log)
+            _open(group, t, n_ctx, n_batch, n_seq, log)
             try:
                 n_vocab = min(c.runner.n_vocab for c in group)
                 for kind, n in tests:
                     tokens = rng.integers(0, n_vocab, size=n, dtype=np.int32)
+                    timed = [(c, kind, 1) for c in group]
+                    if kind == "tg":
+                        timed += [(c, k, s) for k, s in variants for c in group if c.fields["runtime"] == OURS]
                     rss.reset()
-                    samples = _measure(group, kind, tokens, spec, log, f"{label}: {kind}{n}, {t} thread(s)")
+                    samples = _measure([_timer(c.runner, k, s) for c, k, s in timed], kind, tokens, spec, log,
+                                       f"{label}: {kind}{n}, {t} thread(s)", [s for _, _, s in timed])
                     for c in group:
                         if c.llama_bench is not None:
                             c.fields["runtime_version"] = c.runner.version
                     peak, now = rss.read_mib(), _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-                    test_rows = [_row(c.fields, s, kind, n, t, bandwidth[t], spec.repetitions, peak, now)
-                                 for c, s in zip(group, samples)]
+                    test_rows = [_row(c.fields, x, k, n, t, bandwidth[t], spec.repetitions, peak, now, s)
+                                 for (c, k, s), x in zip(timed, samples)]
                     _add_ratios(test_rows)
                     rows += test_rows
             finally:
@@ -544,6 +618,12 @@ def _md_notes(rows: Sequence[dict], with_peers: bool, ratios: list[tuple[str, st
         "ceiling = read bandwidth of that many threads / weight bytes read per generated token "
         f"({reads}); t/s is mean ± stddev over {first['repetitions']} runs."
     )
+    if any(r["test"].startswith("e2e") for r in rows):
+        notes.append("e2eN: Model.stream_generate of N tokens from a one-token prompt, default sampling, "
+                     "timed whole (sampling, detokenization and Python included).")
+    if any(r.get("n_parallel") for r in rows):
+        notes.append("tgN xS: S sequences decoded together in batches of S tokens; t/s and ceiling are the "
+                     "aggregate of all S.")
     if with_peers:
         versions = sorted({r["runtime_version"] or "?" for r in rows if r["runtime"] != OURS})
         ratio_text = ("ours/peer = bitnet-run t/s / that row's t/s" if ratios == [("ours/peer", "ratio_vs")]

@@ -84,6 +84,8 @@ SHAPES: dict[str, Shape] = {
                "tiiuae/Falcon3-1B-Instruct-1.58bit", head_dim=256),
         make_llama_shape("falcon3-3b", 131072, 3072, 9216, 22, 12, 4, False, 32768, 1000042.0,
                "tiiuae/Falcon3-3B-Instruct-1.58bit", head_dim=256),
+        make_llama_shape("falcon3-7b", 131072, 3072, 23040, 28, 12, 4, False, 32768, 1000042.0,
+                         "tiiuae/Falcon3-7B-Instruct-1.58bit", head_dim=256),
         make_llama_shape("falcon3-10b", 131072, 3072, 23040, 40, 12, 4, False, 32768, 1000042.0,
                "tiiuae/Falcon3-10B-Instruct-1.58bit", head_dim=256),
         # approximate: dimensions not checked against the released config.json

@@ -331,6 +331,11 @@ def _linears(config: dict, family: Family) -> Linears:
 
 
 def _rope_theta(config: dict, default: float) -> float:
+    scaling = config.get("rope_scaling")
+    if scaling is not None:
+        rope_type = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
+        if rope_type != "default":
+            raise ConversionError(f"config.json: rope_scaling.rope_type is {rope_type!r} (expected 'default' or no rope_scaling)")
     params = config.get("rope_parameters")
     if params is not None:
         if not isinstance(params, dict):
@@ -340,11 +345,6 @@ def _rope_theta(config: dict, default: float) -> float:
             raise ConversionError(f"config.json: rope_parameters.rope_type is {rope_type!r} (expected 'default')")
         if "rope_theta" in params:
             return _positive_float("rope_parameters.rope_theta", params["rope_theta"])
-    scaling = config.get("rope_scaling")
-    if scaling is not None:
-        rope_type = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
-        if rope_type != "default":
-            raise ConversionError(f"config.json: rope_scaling.rope_type is {rope_type!r} (expected 'default' or no rope_scaling)")
     return _positive_float("rope_theta", config.get("rope_theta", default))
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from .errors import ConversionError
 
 # Everything the converter reads: configs, tokenizer files, chat template, weights.
-ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja"]
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

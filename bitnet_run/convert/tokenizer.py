@@ -7,10 +7,12 @@ from bitnet_run import fileformat as ff
 
 from .checkpoint import Checkpoint
 from .errors import ConversionError
+from .sentencepiece import tokenizer_json_from_model
 
 # Llama 3 ends a chat turn with this token rather than the config's eos; generation stops on both.
 END_OF_TURN = "<|eot_id|>"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+SENTENCEPIECE_FILE = "tokenizer.model"
 
 
 def _token_ids(tokenizer: dict) -> dict[str, int]:
@@ -71,9 +73,17 @@ def _special_id(config: dict, tokenizer_config: dict, ids: dict[str, int], kind:
 
 
 def add_tokenizer_metadata(writer: ff.Writer, checkpoint: Checkpoint, vocab_size: int) -> None:
+    tokenizer_config = checkpoint.read_json("tokenizer_config.json") or {}
     text = checkpoint.read_text("tokenizer.json")
+    if text is None and checkpoint.path(SENTENCEPIECE_FILE).is_file():
+        # Llama 1/2 style checkpoints (1bitLLM) ship only the sentencepiece model
+        text = tokenizer_json_from_model(checkpoint.path(SENTENCEPIECE_FILE).read_bytes(),
+                                         add_bos=tokenizer_config.get("add_bos_token", True) is True)
     if text is None:
-        raise ConversionError(f"tokenizer.json: not found in {checkpoint.directory} (expected a Hugging Face fast tokenizer)")
+        raise ConversionError(
+            f"tokenizer.json: not found in {checkpoint.directory} (expected a Hugging Face fast tokenizer or a "
+            f"sentencepiece {SENTENCEPIECE_FILE})"
+        )
     try:
         tokenizer = json.loads(text)
     except json.JSONDecodeError as e:
@@ -81,7 +91,6 @@ def add_tokenizer_metadata(writer: ff.Writer, checkpoint: Checkpoint, vocab_size
     if not isinstance(tokenizer, dict) or not isinstance(tokenizer.get("model"), dict):
         raise ConversionError("tokenizer.json: no 'model' object (expected a Hugging Face tokenizers file)")
     ids = _token_ids(tokenizer)
-    tokenizer_config = checkpoint.read_json("tokenizer_config.json") or {}
     generation_config = checkpoint.read_json("generation_config.json") or {}
 
     bos = _special_id(checkpoint.config, tokenizer_config, ids, "bos")

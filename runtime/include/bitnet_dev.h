@@ -21,9 +21,16 @@ bn_status bn_file_validate(const char *path, char *err, size_t err_len);
 uint64_t bn_encoding_nbytes(uint32_t encoding, uint32_t n_dims, const uint64_t *dims);
 /* The encoding's name as docs/format.md writes it ("I2"), "unknown" for an unknown id. */
 const char *bn_encoding_label(uint32_t encoding);
+/* ---- the thread pool ---- */
+/* Its self-check: n_runs runs of a pool of n_threads workers, in which worker ith adds 1 to
+ * counts[run * n_threads + ith] after a pseudo-random delay (seeded by seed; now and then the caller
+ * idles between runs, so that the workers go to sleep). counts must hold n_runs * n_threads zeros;
+ * afterwards each entry should be 1. *n_early = how many entries were not yet 1 when the run
+ * returned. BN_ERR_ARG for n_threads 0 or over 1024, BN_ERR_NOMEM when the threads cannot start. */
+bn_status bn_pool_stress(uint32_t n_threads, uint32_t n_runs, uint64_t seed, uint32_t *counts, uint32_t *n_early);
 /* ---- memory bandwidth probe ---- */
 /* Best read bandwidth in GB/s (1e9 bytes/s) over `repeats` timed passes (0 counts as 1) of n_threads
- * threads (0: one per online CPU) summing a freshly allocated buffer of `bytes` bytes, each thread its
+ * threads (0: bn_default_n_threads()) summing a freshly allocated buffer of `bytes` bytes, each thread its
  * contiguous share. Make `bytes` much larger than the last-level cache (e.g. 512 MiB). Returns -1 when
  * the buffer or the threads cannot be allocated and -2 for bad arguments (too few bytes for the
  * threads, more than 1024 threads); never prints. */
@@ -34,7 +41,8 @@ double bn_membw_read_gbps(uint64_t bytes, uint32_t n_threads, uint32_t repeats);
 uint32_t bn_kernels_count(void);
 /* A variant's name, NULL if variant >= bn_kernels_count(). */
 const char *bn_kernels_name(uint32_t variant);
-/* The index of the variant a new context would use now (honours BITNET_RUN_KERNELS=ref|avx2|avx512vnni). */
+/* The index of the variant a new context would use now (honours BITNET_RUN_KERNELS=ref|avx2|avxvnni|avx512vnni
+ * on x86-64, ref|neon|neon-dotprod on AArch64). */
 uint32_t bn_kernels_selected(void);
 /* The CPU features detected, space-separated (e.g. "sse4.2 avx avx2 fma f16c"). */
 const char *bn_kernels_cpu_features(void);
@@ -69,6 +77,10 @@ bn_status bn_kernels_quantize_rows(uint32_t variant, int8_t *q, float *s, const 
  * variant or stride < D; BN_ERR_NOMEM when no scratch can be allocated. */
 bn_status bn_kernels_attention_head(uint32_t variant, float *out, const float *q, const float *k, const float *v,
                                     uint64_t stride, uint32_t n_pos, uint32_t D, float scale);
+/* The same with k and v rounded to f16 (to nearest even, as the f16 KV cache stores them), then the
+ * variant's f16 attention kernel: bit-identical to bn_kernels_attention_head on the rounded values. */
+bn_status bn_kernels_attention_head_f16(uint32_t variant, float *out, const float *q, const float *k, const float *v,
+                                        uint64_t stride, uint32_t n_pos, uint32_t D, float scale);
 /* Times `repeats` calls (after one warm-up) of a variant's kernel on random data of that shape:
  * encoding 3/4/5 (I2/TL1/TL2) for the ternary kernels, 0/1/2 for the dense one, 6 (Q8_R) for the q8 head
  * one; n_threads threads split the rows.

@@ -1,7 +1,11 @@
-/* bn_eval: the BitNet b1.58 forward pass over a batch of tokens, for every family the hyperparameters
- * describe (activation, sub-norms, per-BitLinear input norms, weight-scale convention, head_dim). A prompt and a single decoded
- * token go through the same code; every op processes each token row of the batch. */
+/* bn_decode / bn_eval: the BitNet b1.58 forward pass over a batch of tokens, for every family the
+ * hyperparameters describe (activation, sub-norms, per-BitLinear input norms, weight-scale convention,
+ * head_dim). A prompt, a single decoded token and tokens of several sequences go through the same code:
+ * every op processes each token row of the batch on its own (the BitLinears' integer dot products are
+ * exact, the float ops are per row), except attention, which reads the cache of the row's sequence up
+ * to the row's position. So a row's results do not depend on what else is in the batch. */
 #include <inttypes.h>
+#include <string.h>
 
 #include "context.h"
 #include "error.h"
@@ -120,28 +124,53 @@ typedef struct {
     bn_context *ctx;
     uint32_t layer;
     uint32_t n_tok;
-    uint32_t pos;
+    const uint32_t *seq; /* [n_tok] each row's sequence */
+    const uint32_t *pos; /* [n_tok] and position */
 } attention_task;
 
-/* Causal GQA attention of the batch's queries (ctx->q) over the cache, heads split across workers;
- * writes the concatenated heads into ctx->xb. */
+/* Causal GQA attention of the batch's queries (ctx->q) over each row's sequence cache, the (row, head)
+ * pairs split across workers; writes the concatenated heads into ctx->xb. */
 static void attention_worker(void *arg, uint32_t ith, uint32_t nth) {
     const attention_task *task = arg;
     bn_context *ctx = task->ctx;
     const bn_hparams *hp = &ctx->model->hp;
     const uint32_t D = hp->head_dim, Q = hp->n_heads * D, group = hp->n_heads / hp->n_kv_heads;
     const uint64_t KV = (uint64_t)hp->n_kv_heads * D;
-    const float *kc = ctx->key_cache + (uint64_t)task->layer * ctx->n_ctx * KV;
-    const float *vc = ctx->value_cache + (uint64_t)task->layer * ctx->n_ctx * KV;
-    uint64_t h0, h1;
-    bn_split(hp->n_heads, ith, nth, &h0, &h1);
-    for (uint64_t h = h0; h < h1; h++) {
-        const uint64_t kv_off = (h / group) * D;
-        float *att = ctx->att + h * ctx->n_ctx;
-        for (uint32_t t = 0; t < task->n_tok; t++) {
-            const uint64_t row = (uint64_t)t * Q + h * D;
-            ctx->kern->attention_head(ctx->xb + row, ctx->q + row, kc + kv_off, vc + kv_off, KV, task->pos + t + 1, D,
-                              ctx->attn_scale, att);
+    float *att = ctx->att + (uint64_t)ith * ctx->n_ctx; /* [n_ctx] this worker's scores */
+    uint64_t i0, i1;
+    bn_split((uint64_t)task->n_tok * hp->n_heads, ith, nth, &i0, &i1);
+    for (uint64_t i = i0; i < i1; i++) {
+        const uint32_t t = (uint32_t)(i / hp->n_heads), h = (uint32_t)(i % hp->n_heads);
+        const uint64_t row = (uint64_t)t * Q + (uint64_t)h * D;
+        /* the head's kv group in row 0 of the sequence's cache: [n_pos][KV] rows from there */
+        const uint64_t kv = bn_kv_offset(ctx, task->layer, task->seq[t], 0) + (h / group) * D * ctx->kv_elem;
+        const char *kc = (const char *)ctx->key_cache + kv, *vc = (const char *)ctx->value_cache + kv;
+        const uint32_t n_pos = task->pos[t] + 1;
+        if (ctx->kv_type == BN_KV_F16)
+            ctx->kern->attention_head_f16(ctx->xb + row, ctx->q + row, (const uint16_t *)kc, (const uint16_t *)vc, KV,
+                                          n_pos, D, ctx->attn_scale, att);
+        else
+            ctx->kern->attention_head(ctx->xb + row, ctx->q + row, (const float *)kc, (const float *)vc, KV, n_pos, D,
+                                      ctx->attn_scale, att);
+    }
+}
+
+/* Row t of the chunk's keys and values (ctx->k, ctx->v [n][KV]) into its sequence's cache at its
+ * position, rounded to f16 or copied. */
+static void store_kv(bn_context *ctx, uint32_t il, uint32_t n, const uint32_t *seq, const uint32_t *pos) {
+    const uint64_t KV = (uint64_t)ctx->model->hp.n_kv_heads * ctx->model->hp.head_dim;
+    for (uint32_t t = 0; t < n; t++) {
+        const float *k = ctx->k + t * KV, *v = ctx->v + t * KV;
+        const uint64_t off = bn_kv_offset(ctx, il, seq[t], pos[t]);
+        char *kc = (char *)ctx->key_cache + off, *vc = (char *)ctx->value_cache + off;
+        if (ctx->kv_type == BN_KV_F16) {
+            for (uint64_t i = 0; i < KV; i++) {
+                ((uint16_t *)kc)[i] = bn_f32_to_fp16(k[i]);
+                ((uint16_t *)vc)[i] = bn_f32_to_fp16(v[i]);
+            }
+        } else {
+            memcpy(kc, k, KV * sizeof *k);
+            memcpy(vc, v, KV * sizeof *v);
         }
     }
 }
@@ -170,25 +199,24 @@ static void head_worker(void *arg, uint32_t ith, uint32_t nth) {
                                  w->cols, (uint32_t)r0, (uint32_t)r1);
 }
 
-/* h = x + o_proj([attn_sub_norm](attention(input_layernorm(x)))), keys/values of the batch cached
+/* h = x + o_proj([attn_sub_norm](attention(input_layernorm(x)))), the rows' keys/values cached
  * (each BitLinear first RMSNorms its input with its own weight when the model has such norms). */
-static void attention_block(bn_context *ctx, uint32_t il, uint32_t n, uint32_t pos) {
+static void attention_block(bn_context *ctx, uint32_t il, uint32_t n, const uint32_t *seq, const uint32_t *pos) {
     const bn_hparams *hp = &ctx->model->hp;
     const bn_layer_weights *L = &ctx->model->w.layers[il];
     const uint32_t H = hp->hidden_size, D = hp->head_dim, Q = hp->n_heads * D, half = D / 2;
     const uint64_t KV = (uint64_t)hp->n_kv_heads * D;
-    float *k = ctx->key_cache + ((uint64_t)il * ctx->n_ctx + pos) * KV;   /* [n][KV] rows pos.. */
-    float *v = ctx->value_cache + ((uint64_t)il * ctx->n_ctx + pos) * KV; /* [n][KV] */
 
     const input_task qkv_in = {ctx, ctx->x, NULL, L->attn_norm, ctx->xb, H, n, H, NULL};
-    const linear_out qkv[3] = {{&L->q, ctx->q, Q, 0}, {&L->k, k, KV, 0}, {&L->v, v, KV, 0}};
+    const linear_out qkv[3] = {{&L->q, ctx->q, Q, 0}, {&L->k, ctx->k, KV, 0}, {&L->v, ctx->v, KV, 0}};
     bitlinear(ctx, &qkv_in, qkv, 3);
     for (uint32_t t = 0; t < n; t++) {
-        const float *c = ctx->rope_cos + (uint64_t)(pos + t) * half, *s = ctx->rope_sin + (uint64_t)(pos + t) * half;
+        const float *c = ctx->rope_cos + (uint64_t)pos[t] * half, *s = ctx->rope_sin + (uint64_t)pos[t] * half;
         bn_rope(ctx->q + t * Q, hp->n_heads, D, c, s);
-        bn_rope(k + t * KV, hp->n_kv_heads, D, c, s);
+        bn_rope(ctx->k + t * KV, hp->n_kv_heads, D, c, s);
     }
-    attention_task task = {ctx, il, n, pos};
+    store_kv(ctx, il, n, seq, pos);
+    attention_task task = {ctx, il, n, seq, pos};
     bn_pool_run(ctx->pool, attention_worker, &task);
     const input_task o_in = {ctx, ctx->xb, NULL, L->attn_sub_norm, ctx->xb, Q, n, Q, NULL};
     const linear_out o = {&L->o, ctx->x, H, 1};
@@ -210,10 +238,11 @@ static void ffn_block(bn_context *ctx, uint32_t il, uint32_t n) {
     bitlinear(ctx, &down_in, &down, 1);
 }
 
-/* Tokens at positions pos..pos+n-1 (n <= n_batch) through every layer; logits of rows
- * [first_logit, n) into `logits` when it is not NULL. */
-static void forward_chunk(bn_context *ctx, const int32_t *tokens, uint32_t n, uint32_t pos, float *logits,
-                          uint32_t first_logit) {
+/* Rows t < n (n <= n_batch), token[t] of sequence seq[t] at position pos[t], through every layer;
+ * the logits of the rows with want[t] != 0 into `logits`, one vocab row each, in order. Returns the
+ * number of logit rows written. */
+static uint32_t forward_chunk(bn_context *ctx, const int32_t *tokens, const uint32_t *seq, const uint32_t *pos,
+                              const int8_t *want, uint32_t n, float *logits) {
     const bn_model *m = ctx->model;
     const uint32_t H = m->hp.hidden_size;
     for (uint32_t t = 0; t < n; t++) {
@@ -223,17 +252,32 @@ static void forward_chunk(bn_context *ctx, const int32_t *tokens, uint32_t n, ui
             bn_dense_row_to_f32(ctx->x + t * H, m->w.embed.data, m->w.embed.encoding, (uint64_t)tokens[t], H);
     }
     for (uint32_t il = 0; il < m->hp.n_layers; il++) {
-        attention_block(ctx, il, n, pos);
+        attention_block(ctx, il, n, seq, pos);
         ffn_block(ctx, il, n);
     }
-    if (logits == NULL) return;
-    for (uint32_t t = first_logit; t < n; t++) bn_rmsnorm(ctx->xb + t * H, ctx->x + t * H, m->w.norm, H, m->hp.rms_norm_eps);
-    const float *xh = ctx->xb + (size_t)first_logit * H;
+    uint32_t n_out = 0; /* the wanted rows, normed into xb [n_out][H] */
+    for (uint32_t t = 0; t < n; t++)
+        if (want[t]) bn_rmsnorm(ctx->xb + (size_t)n_out++ * H, ctx->x + t * H, m->w.norm, H, m->hp.rms_norm_eps);
+    if (n_out == 0) return 0;
     if (m->w.head.encoding == BN_ENC_Q8R) /* per-token absmax int8, like the BitLinear inputs */
-        for (uint32_t t = 0; t < n - first_logit; t++)
-            ctx->xs[t] = bn_quantize_row_i8_sym(ctx->xq + (size_t)t * H, xh + (size_t)t * H, H);
-    head_task task = {ctx->kern, &m->w.head, xh, ctx->xq, ctx->xs, n - first_logit, logits};
+        for (uint32_t t = 0; t < n_out; t++)
+            ctx->xs[t] = bn_quantize_row_i8_sym(ctx->xq + (size_t)t * H, ctx->xb + (size_t)t * H, H);
+    head_task task = {ctx->kern, &m->w.head, ctx->xb, ctx->xq, ctx->xs, n_out, logits};
     bn_pool_run(ctx->pool, head_worker, &task);
+    return n_out;
+}
+
+/* BN_OK when every token id is in the vocabulary, else a message naming the first bad one. */
+static bn_status check_tokens(bn_context *ctx, const int32_t *tokens, uint32_t n) {
+    const uint32_t vocab = ctx->model->hp.vocab_size;
+    for (uint32_t i = 0; i < n; i++) {
+        if (tokens[i] < 0 || (uint32_t)tokens[i] >= vocab) {
+            bn_set_error(ctx->error, sizeof ctx->error, "token id %" PRId32 " at index %" PRIu32 " is out of range [0, %" PRIu32 ")",
+                         tokens[i], i, vocab);
+            return BN_ERR_ARG;
+        }
+    }
+    return BN_OK;
 }
 
 bn_status bn_eval(bn_context *ctx, const int32_t *tokens, uint32_t n_tokens, uint32_t pos, float *logits,
@@ -244,9 +288,9 @@ bn_status bn_eval(bn_context *ctx, const int32_t *tokens, uint32_t n_tokens, uin
         bn_set_error(ctx->error, sizeof ctx->error, "no tokens given");
         return BN_ERR_ARG;
     }
-    if (pos > ctx->n_past) {
+    if (pos > ctx->n_past[0]) {
         bn_set_error(ctx->error, sizeof ctx->error,
-                     "position %" PRIu32 " is beyond the %" PRIu32 " cached positions", pos, ctx->n_past);
+                     "position %" PRIu32 " is beyond the %" PRIu32 " cached positions", pos, ctx->n_past[0]);
         return BN_ERR_ARG;
     }
     if ((uint64_t)pos + n_tokens > ctx->n_ctx) {
@@ -255,24 +299,75 @@ bn_status bn_eval(bn_context *ctx, const int32_t *tokens, uint32_t n_tokens, uin
                      n_tokens, pos, ctx->n_ctx);
         return BN_ERR_CONTEXT;
     }
-    for (uint32_t i = 0; i < n_tokens; i++) {
-        if (tokens[i] < 0 || (uint32_t)tokens[i] >= vocab) {
+    if (check_tokens(ctx, tokens, n_tokens) != BN_OK) return BN_ERR_ARG;
+    for (uint32_t start = 0; start < n_tokens; start += ctx->n_batch) {
+        const uint32_t n = n_tokens - start < ctx->n_batch ? n_tokens - start : ctx->n_batch;
+        for (uint32_t t = 0; t < n; t++) {
+            ctx->chunk_seq[t] = 0;
+            ctx->chunk_pos[t] = pos + start + t;
+            ctx->chunk_want[t] = logits && (all_logits || start + t == n_tokens - 1);
+        }
+        float *out = logits && all_logits ? logits + (size_t)start * vocab : logits;
+        forward_chunk(ctx, tokens + start, ctx->chunk_seq, ctx->chunk_pos, ctx->chunk_want, n, out);
+    }
+    ctx->n_past[0] = pos + n_tokens;
+    ctx->n_evaluated += n_tokens;
+    return BN_OK;
+}
+
+/* BN_OK when every row's sequence exists and the rows of each sequence continue it at consecutive
+ * positions inside the context; ctx->next_pos then holds every sequence's length after the batch. */
+static bn_status check_batch(bn_context *ctx, const bn_batch *b) {
+    if (b == NULL || b->n_tokens == 0 || b->token == NULL || b->seq_id == NULL || b->pos == NULL) {
+        bn_set_error(ctx->error, sizeof ctx->error,
+                     "bn_decode: the batch must have n_tokens > 0 and non-NULL token, seq_id and pos arrays");
+        return BN_ERR_ARG;
+    }
+    if (check_tokens(ctx, b->token, b->n_tokens) != BN_OK) return BN_ERR_ARG;
+    memcpy(ctx->next_pos, ctx->n_past, ctx->n_seq * sizeof *ctx->next_pos);
+    for (uint32_t i = 0; i < b->n_tokens; i++) {
+        const uint32_t s = b->seq_id[i];
+        if (s >= ctx->n_seq) {
             bn_set_error(ctx->error, sizeof ctx->error,
-                         "token id %" PRId32 " at index %" PRIu32 " (position %" PRIu32
-                         ") is out of range [0, %" PRIu32 ")",
-                         tokens[i], i, pos + i, vocab);
+                         "sequence id %" PRIu32 " at index %" PRIu32 " is out of range [0, %" PRIu32 ")", s, i,
+                         ctx->n_seq);
             return BN_ERR_ARG;
         }
+        if (b->pos[i] != ctx->next_pos[s]) {
+            bn_set_error(ctx->error, sizeof ctx->error,
+                         "token at index %" PRIu32 " of sequence %" PRIu32 " is at position %" PRIu32
+                         ", expected %" PRIu32 " (the sequence's next position; truncate it to rewind)",
+                         i, s, b->pos[i], ctx->next_pos[s]);
+            return BN_ERR_ARG;
+        }
+        if (b->pos[i] >= ctx->n_ctx) {
+            bn_set_error(ctx->error, sizeof ctx->error,
+                         "token at index %" PRIu32 " of sequence %" PRIu32 " at position %" PRIu32
+                         " does not fit in the context of %" PRIu32,
+                         i, s, b->pos[i], ctx->n_ctx);
+            return BN_ERR_CONTEXT;
+        }
+        ctx->next_pos[s]++;
     }
+    return BN_OK;
+}
+
+bn_status bn_decode(bn_context *ctx, const bn_batch *batch, float *out) {
+    if (ctx == NULL) return BN_ERR_ARG;
+    const bn_status status = check_batch(ctx, batch);
+    if (status != BN_OK) return status;
+    const uint32_t n_tokens = batch->n_tokens, vocab = ctx->model->hp.vocab_size;
     for (uint32_t start = 0; start < n_tokens; start += ctx->n_batch) {
-        uint32_t n = n_tokens - start < ctx->n_batch ? n_tokens - start : ctx->n_batch;
-        int last = start + n == n_tokens;
-        float *out = NULL;
-        uint32_t first_logit = 0;
-        if (logits && all_logits) out = logits + (size_t)start * vocab;
-        else if (logits && last) out = logits, first_logit = n - 1;
-        forward_chunk(ctx, tokens + start, n, pos + start, out, first_logit);
+        const uint32_t n = n_tokens - start < ctx->n_batch ? n_tokens - start : ctx->n_batch;
+        const int8_t *want = ctx->chunk_want;
+        if (out && batch->logits) want = batch->logits + start;
+        else
+            for (uint32_t t = 0; t < n; t++) ctx->chunk_want[t] = out && !batch->logits && start + t == n_tokens - 1;
+        const uint32_t rows = forward_chunk(ctx, batch->token + start, batch->seq_id + start, batch->pos + start, want,
+                                            n, out);
+        if (out) out += (size_t)rows * vocab;
     }
-    ctx->n_past = pos + n_tokens;
+    memcpy(ctx->n_past, ctx->next_pos, ctx->n_seq * sizeof *ctx->n_past);
+    ctx->n_evaluated += n_tokens;
     return BN_OK;
 }

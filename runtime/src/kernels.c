@@ -149,6 +149,7 @@ const bn_kernels bn_kernels_ref = {
     .q8_matmul = q8_matmul_ref,
     .quantize_row = bn_quantize_row_i8,
     .attention_head = bn_attention_head,
+    .attention_head_f16 = bn_attention_head_f16,
 };
 
 /* ---- selection: the one place where CPU features pick a variant ---- */
@@ -161,6 +162,15 @@ static int usable_always(const bn_cpu_features *f) {
 #if defined(__x86_64__)
 static int usable_avx2(const bn_cpu_features *f) { return f->avx2 && f->f16c; }
 static int usable_avx512vnni(const bn_cpu_features *f) { return usable_avx2(f) && f->avx512bw && f->avx512vnni; }
+#ifdef BN_AVXVNNI_EVEX /* the test-only build of kernels_avxvnni.c */
+static int usable_avxvnni(const bn_cpu_features *f) { return usable_avx2(f) && f->avx512vnni && f->avx512vl; }
+#else
+static int usable_avxvnni(const bn_cpu_features *f) { return usable_avx2(f) && f->avxvnni; }
+#endif
+#endif
+#if defined(__aarch64__)
+static int usable_neon(const bn_cpu_features *f) { return f->asimd; }
+static int usable_neon_dotprod(const bn_cpu_features *f) { return f->asimd && f->asimddp; }
 #endif
 
 static const struct {
@@ -170,23 +180,43 @@ static const struct {
     {&bn_kernels_ref, usable_always},
 #if defined(__x86_64__)
     {&bn_kernels_avx2, usable_avx2},
+    {&bn_kernels_avxvnni, usable_avxvnni},
     {&bn_kernels_avx512vnni, usable_avx512vnni},
+#endif
+#if defined(__aarch64__)
+    {&bn_kernels_neon, usable_neon},
+    {&bn_kernels_neon_dotprod, usable_neon_dotprod},
 #endif
 };
 
 #define N_REGISTRY (sizeof registry / sizeof registry[0])
 
+/* Whether a variant sets every entry of the table. One left NULL (an entry added to bn_kernels that
+ * an ISA file does not set yet) would crash the first call, so such a variant is never handed out;
+ * the tests that compare the variants offered with the CPU's features then fail. The assertion
+ * fails the build when bn_kernels gains an entry that is not checked here. */
+_Static_assert(sizeof(bn_kernels) == sizeof(const char *) + 8 * sizeof(void (*)(void)),
+               "kernels_complete() must check every entry of bn_kernels");
+static int kernels_complete(const bn_kernels *k) {
+    return k->name && k->i2_matmul && k->tl1_matmul && k->tl2_matmul && k->dense_matmul && k->q8_matmul &&
+           k->quantize_row && k->attention_head && k->attention_head_f16;
+}
+
+static int offered(size_t i, const bn_cpu_features *f) {
+    return registry[i].usable(f) && kernels_complete(registry[i].kernels);
+}
+
 uint32_t bn_kernels_n_available(void) {
     const bn_cpu_features *f = bn_cpu_get_features();
     uint32_t n = 0;
-    for (size_t i = 0; i < N_REGISTRY; i++) n += registry[i].usable(f) ? 1 : 0;
+    for (size_t i = 0; i < N_REGISTRY; i++) n += offered(i, f) ? 1 : 0;
     return n;
 }
 
 const bn_kernels *bn_kernels_available(uint32_t i) {
     const bn_cpu_features *f = bn_cpu_get_features();
     for (size_t k = 0; k < N_REGISTRY; k++) {
-        if (!registry[k].usable(f)) continue;
+        if (!offered(k, f)) continue;
         if (i-- == 0) return registry[k].kernels;
     }
     return NULL;

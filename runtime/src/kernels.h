@@ -72,6 +72,10 @@ typedef struct {
     float (*quantize_row)(int8_t *q, const float *x, uint32_t n);
     void (*attention_head)(float *out, const float *q, const float *k, const float *v, uint64_t stride,
                            uint32_t n_pos, uint32_t D, float scale, float *att);
+    /* The same over the f16 KV cache (reference bn_attention_head_f16); every variant sets it (to the
+     * reference where it has no faster one). */
+    void (*attention_head_f16)(float *out, const float *q, const uint16_t *k, const uint16_t *v, uint64_t stride,
+                               uint32_t n_pos, uint32_t D, float scale, float *att);
 } bn_kernels;
 
 /* The ternary kernel of a variant for encoding I2, TL1 or TL2; NULL for any other encoding. */
@@ -92,18 +96,29 @@ extern const bn_kernels bn_kernels_ref;
 /* AVX2 (+F16C) variant, runtime/src/arch/x86/kernels_avx2.c; compiled with target attributes, so the
  * default build stays portable. Call only when bn_cpu_get_features() reports avx2 and f16c. */
 extern const bn_kernels bn_kernels_avx2;
+/* AVX-VNNI variant (its own I2 GEMM with ymm vpdpbusd, the AVX2 kernels otherwise),
+ * kernels_avxvnni.c. Call only when bn_cpu_get_features() reports avxvnni and what AVX2 needs. */
+extern const bn_kernels bn_kernels_avxvnni;
 /* AVX-512 VNNI variant (its own I2 GEMM, the AVX2 kernels otherwise), kernels_avx512vnni.c. Call
  * only when bn_cpu_get_features() reports avx512bw and avx512vnni, and what the AVX2 variant needs. */
 extern const bn_kernels bn_kernels_avx512vnni;
 #endif
 
-/* The variants usable on this CPU, index 0 the reference, then from slowest to fastest. */
+#if defined(__aarch64__)
+/* NEON variant, runtime/src/arch/arm/kernels_neon.c: usable on every AArch64 CPU (asimd). */
+extern const bn_kernels bn_kernels_neon;
+/* The same with SDOT for the int8 dot products (I2, Q8_R); only when the CPU reports asimddp. */
+extern const bn_kernels bn_kernels_neon_dotprod;
+#endif
+
+/* The variants usable on this CPU whose tables are complete (every entry set), index 0 the reference,
+ * then from slowest to fastest. */
 uint32_t bn_kernels_n_available(void);
 const bn_kernels *bn_kernels_available(uint32_t i); /* NULL if i is out of range */
 
 /* The kernels the runtime uses on this CPU (the only place where a variant is chosen): the fastest
- * available one, unless the environment variable BITNET_RUN_KERNELS names one (ref, avx2, avx512vnni); a name
- * that is unknown or not usable on this CPU gives the reference. */
+ * available one, unless the environment variable BITNET_RUN_KERNELS names one (ref, avx2, avxvnni,
+ * avx512vnni, neon, neon-dotprod); a name that is unknown or not usable on this CPU gives the reference. */
 const bn_kernels *bn_kernels_select(void);
 
 #endif

@@ -8,6 +8,7 @@
 #include "cpu.h"
 #include "kernels.h"
 #include "model_file.h"
+#include "ops.h"
 #include "threadpool.h"
 
 uint32_t bn_kernels_count(void) { return bn_kernels_n_available(); }
@@ -116,6 +117,23 @@ bn_status bn_kernels_attention_head(uint32_t variant, float *out, const float *q
     kern->attention_head(out, q, k, v, stride, n_pos, D, scale, att);
     free(att);
     return BN_OK;
+}
+
+bn_status bn_kernels_attention_head_f16(uint32_t variant, float *out, const float *q, const float *k, const float *v,
+                                        uint64_t stride, uint32_t n_pos, uint32_t D, float scale) {
+    const bn_kernels *kern = bn_kernels_available(variant);
+    if (!kern || !out || !q || !k || !v || n_pos == 0 || stride < D) return BN_ERR_ARG;
+    const uint64_t n = (uint64_t)(n_pos - 1) * stride + D; /* the elements the head reads */
+    float *att = malloc((size_t)n_pos * sizeof *att);
+    uint16_t *k16 = malloc((size_t)n * sizeof *k16), *v16 = malloc((size_t)n * sizeof *v16);
+    if (att && k16 && v16) {
+        for (uint64_t i = 0; i < n; i++) k16[i] = bn_f32_to_fp16(k[i]), v16[i] = bn_f32_to_fp16(v[i]);
+        kern->attention_head_f16(out, q, k16, v16, stride, n_pos, D, scale, att);
+    }
+    free(att);
+    free(k16);
+    free(v16);
+    return att && k16 && v16 ? BN_OK : BN_ERR_NOMEM;
 }
 
 static double now_s(void) {

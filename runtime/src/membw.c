@@ -6,7 +6,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#include <unistd.h>
 
 #include "bitnet_dev.h"
 #include "threadpool.h"
@@ -52,10 +51,7 @@ static double now_seconds(void) {
 static volatile uint64_t membw_sink;
 
 double bn_membw_read_gbps(uint64_t bytes, uint32_t n_threads, uint32_t repeats) {
-    if (n_threads == 0) {
-        long n = sysconf(_SC_NPROCESSORS_ONLN);
-        n_threads = n > 0 ? (uint32_t)n : 1;
-    }
+    if (n_threads == 0) n_threads = bn_default_n_threads();
     if (n_threads > 1024) return -2.0;
     if (repeats == 0) repeats = 1;
     uint64_t n_words = bytes / sizeof(uint64_t) / MEMBW_LANES * MEMBW_LANES;

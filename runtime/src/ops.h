@@ -6,6 +6,9 @@
 
 float bn_fp16_to_f32(uint16_t h);
 float bn_bf16_to_f32(uint16_t h);
+/* f32 -> f16 rounded to nearest even (overflow to inf, NaN stays a quiet NaN), as the f16 KV cache
+ * stores keys and values; F16C's vcvtps2ph with round-to-nearest gives the same bits. */
+uint16_t bn_f32_to_fp16(float f);
 /* out[n] = row `row` of a [rows][n] F32/F16/BF16 matrix, as float. */
 void bn_dense_row_to_f32(float *out, const void *data, uint32_t encoding, uint64_t row, uint32_t n);
 /* out[n] = row `row` of a [rows][n] Q8_R matrix (docs/format.md), dequantized: q[row][i] * scale[row]. */
@@ -48,6 +51,10 @@ float bn_softmax_numerators(float *att, uint32_t n);
  * reference of the kernels' attention_head (kernels.h). */
 void bn_attention_head(float *out, const float *q, const float *k, const float *v, uint64_t stride,
                        uint32_t n_pos, uint32_t D, float scale, float *att);
+/* The same over an f16 cache: every k, v element widened to float (exactly), then the same
+ * operations in the same order; the reference of the kernels' attention_head_f16. */
+void bn_attention_head_f16(float *out, const float *q, const uint16_t *k, const uint16_t *v, uint64_t stride,
+                           uint32_t n_pos, uint32_t D, float scale, float *att);
 
 /* g[n] = relu(g)^2 * u (squared-ReLU gate). */
 void bn_relu2_gate(float *restrict g, const float *restrict u, uint32_t n);

@@ -25,6 +25,20 @@ float bn_fp16_to_f32(uint16_t h) {
 
 float bn_bf16_to_f32(uint16_t h) { return f32_from_bits((uint32_t)h << 16); }
 
+uint16_t bn_f32_to_fp16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    const uint16_t sign = (uint16_t)((bits >> 16) & 0x8000u);
+    const uint32_t abs = bits & 0x7fffffffu;
+    if (abs > 0x7f800000u) return sign | 0x7e00u | (uint16_t)((abs >> 13) & 0x3ffu); /* NaN, made quiet */
+    if (abs >= 0x477ff000u) return sign | 0x7c00u; /* >= 65520 (halfway past 65504, the largest f16): inf */
+    if (abs < 0x38800000u) /* below 2^-14: an f16 subnormal, man * 2^-24; the scaling is exact */
+        return sign | (uint16_t)rintf(f32_from_bits(abs) * 0x1p24f);
+    /* normal: rebias the exponent (127 - 15), round the 13 dropped mantissa bits half to even (a
+     * carry into the exponent is the right result) */
+    return sign | (uint16_t)((abs + 0xfffu + ((abs >> 13) & 1u) - 0x38000000u) >> 13);
+}
+
 void bn_dense_row_to_f32(float *out, const void *data, uint32_t encoding, uint64_t row, uint32_t n) {
     if (encoding == BN_ENC_F32) {
         memcpy(out, (const float *)data + row * n, n * sizeof *out);
@@ -80,10 +94,15 @@ void bn_rope(float *v, uint32_t n_heads, uint32_t D, const float *cos_t, const f
     }
 }
 
+/* bn_dot8_f32's combination of its 8 partial sums. */
+static inline float sum8_partials(const float s[8]) {
+    return ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]));
+}
+
 float bn_dot8_f32(const float *a, const float *b, uint32_t n) {
     float s[8] = {0};
     for (uint32_t i = 0; i < n; i++) s[i % 8] += a[i] * b[i];
-    return ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]));
+    return sum8_partials(s);
 }
 
 float bn_softmax_numerators(float *att, uint32_t n) {
@@ -97,16 +116,35 @@ float bn_softmax_numerators(float *att, uint32_t n) {
     return sum;
 }
 
-void bn_attention_head(float *out, const float *q, const float *k, const float *v, uint64_t stride,
-                       uint32_t n_pos, uint32_t D, float scale, float *att) {
-    for (uint32_t j = 0; j < n_pos; j++) att[j] = bn_dot8_f32(q, k + j * stride, D) * scale;
+/* Element i of a cache row, widened to float: f16 (kv_f16) or float. */
+static inline float kv_at(const void *row, uint64_t i, int kv_f16) {
+    return kv_f16 ? bn_fp16_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+}
+
+/* bn_attention_head over either cache type (kv_f16 is a constant at each call, folded away). */
+static inline void attention_head(float *out, const float *q, const void *k, const void *v, uint64_t stride,
+                                  uint32_t n_pos, uint32_t D, float scale, float *att, int kv_f16) {
+    for (uint32_t j = 0; j < n_pos; j++) {
+        float s[8] = {0}; /* bn_dot8_f32 of q and the widened key */
+        for (uint32_t i = 0; i < D; i++) s[i % 8] += q[i] * kv_at(k, j * stride + i, kv_f16);
+        att[j] = sum8_partials(s) * scale;
+    }
     const float sum = bn_softmax_numerators(att, n_pos);
     memset(out, 0, D * sizeof *out);
     for (uint32_t j = 0; j < n_pos; j++) {
-        const float *vj = v + j * stride;
         float p = att[j] / sum;
-        for (uint32_t i = 0; i < D; i++) out[i] += p * vj[i];
+        for (uint32_t i = 0; i < D; i++) out[i] += p * kv_at(v, j * stride + i, kv_f16);
     }
+}
+
+void bn_attention_head(float *out, const float *q, const float *k, const float *v, uint64_t stride,
+                       uint32_t n_pos, uint32_t D, float scale, float *att) {
+    attention_head(out, q, k, v, stride, n_pos, D, scale, att, 0);
+}
+
+void bn_attention_head_f16(float *out, const float *q, const uint16_t *k, const uint16_t *v, uint64_t stride,
+                           uint32_t n_pos, uint32_t D, float scale, float *att) {
+    attention_head(out, q, k, v, stride, n_pos, D, scale, att, 1);
 }
 
 void bn_relu2_gate(float *restrict g, const float *restrict u, uint32_t n) {

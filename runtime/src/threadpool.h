@@ -10,6 +10,8 @@
 /* Runs as worker ith of nth; all workers of one bn_pool_run get the same arg. */
 typedef void (*bn_task_fn)(void *arg, uint32_t ith, uint32_t nth);
 
+#define BN_MAX_THREADS 1024
+
 typedef struct bn_pool bn_pool;
 
 bn_status bn_pool_new(bn_pool **out, uint32_t n_threads);

@@ -63,13 +63,17 @@ enum {
     I2_TOKENS = 4,       /* tokens sharing one unpacked weight block */
     I2_ROW_BLOCK = 16,   /* rows kept hot in cache while all token groups pass over them */
     I2_TOKEN_CHUNK = 64, /* tokens deinterleaved per pass (bounds the scratch memory) */
-    DENSE_CHAINS = 8,  /* accumulators (rows x tokens) of one dense_rows call, at most */
+    DENSE_CHAINS = 8,    /* accumulators (rows x tokens) of one dense_rows call, at most */
 };
-#ifndef DENSE_PREFETCH
-#define DENSE_PREFETCH 256 /* bytes ahead in each of the 8 row streams */
-#endif
 #ifndef I2_PREFETCH
 #define I2_PREFETCH 2048 /* bytes ahead in the weight stream (rows are contiguous) */
+#endif
+#ifndef DENSE_WIDE
+#define DENSE_WIDE 2 /* tiles of 8 rows per dense_rows call for 1-2 tokens: 16 row streams (4, i.e. 32 streams, read
+                        * the bf16 head ~1.5-2x slower, 1 tile leaves one add chain: interleaved A/B here) */
+#endif
+#ifndef DENSE_PREFETCH
+#define DENSE_PREFETCH 256 /* bytes ahead in each row stream */
 #endif
 
 /* ---- per-thread scratch for the deinterleaved activations (freed when the thread exits) ---- */
@@ -248,6 +252,36 @@ BN_AVX2 static void i2_matmul_avx2(int32_t *y, size_t ldy, const int8_t *x, size
                     for (uint32_t i = 0; i < k; i++) y[(t0 + tb + i) * ldy + r] = out[i];
                 }
             }
+        }
+    }
+}
+
+/* kernels_x86.h. Each tile function is called through a pointer, once per tile (not per step). */
+void bn_i2_gemm(const bn_i2_tiling *tiling, int32_t *y, size_t ldy, const int8_t *x, size_t ldx, uint32_t n_tok,
+                const uint8_t *w, uint32_t cols, uint32_t r0, uint32_t r1) {
+    if (r0 >= r1 || n_tok == 0) return;
+    const uint32_t row_bytes = (cols + 3) / 4, block = I2_BLOCK * tiling->interleave;
+    const size_t tstride = (size_t)(cols + block - 1) / block * block; /* plane bytes per token */
+    const uint32_t chunk = n_tok < I2_TOKEN_CHUNK ? n_tok : I2_TOKEN_CHUNK;
+    int8_t *planes = bn_x86_scratch(chunk * tstride + chunk * sizeof(int32_t));
+    if (!planes) { /* out of memory: the reference gives the same result */
+        bn_kernels_ref.i2_matmul(y, ldy, x, ldx, n_tok, w, cols, r0, r1);
+        return;
+    }
+    int32_t *sums = (int32_t *)(planes + chunk * tstride);
+    for (uint32_t t0 = 0; t0 < n_tok; t0 += chunk) {
+        const uint32_t nt = n_tok - t0 < chunk ? n_tok - t0 : chunk;
+        for (uint32_t t = 0; t < nt; t++)
+            sums[t] = bn_i2_planes_avx2(planes + t * tstride, x + (t0 + t) * ldx, cols, tiling->interleave);
+        for (uint32_t r = r0; r < r1;) {
+            const uint32_t R = r1 - r >= tiling->rows && nt > 1 ? tiling->rows : 1; /* one token: row by row */
+            const bn_i2_tile_fn *fn = R == tiling->rows ? tiling->multi : tiling->single;
+            for (uint32_t tb = 0; tb < nt; tb += 4) {
+                const uint32_t k = nt - tb < 4 ? nt - tb : 4;
+                fn[k](w + (size_t)r * row_bytes, row_bytes, planes + tb * tstride, tstride, sums + tb,
+                      y + (size_t)(t0 + tb) * ldy + r, ldy);
+            }
+            r += R;
         }
     }
 }
@@ -604,28 +638,28 @@ BN_AVX2 BN_INLINE void dense_rows(int enc, int NT, int RT, float *y, size_t ldy,
 BN_AVX2 BN_INLINE void dense_enc(int enc, float *y, size_t ldy, const float *x, size_t ldx, uint32_t n_tok,
                                  const void *w, uint32_t cols, uint32_t r0, uint32_t r8) {
     for (uint32_t r = r0; r < r8;) {
-        const int wide = r8 - r >= 32; /* 4 tiles of 8 rows for 1-2 tokens */
+        const int wide = r8 - r >= 8 * DENSE_WIDE; /* DENSE_WIDE tiles of 8 rows at once for 1-2 tokens */
         uint32_t t0 = 0;
         for (; t0 + 4 <= n_tok; t0 += 4) {
             dense_rows(enc, 4, 1, y, ldy, x, ldx, t0, w, cols, r);
             if (wide)
-                for (int k = 1; k < 4; k++) dense_rows(enc, 4, 1, y, ldy, x, ldx, t0, w, cols, r + 8 * k);
+                for (int k = 1; k < DENSE_WIDE; k++) dense_rows(enc, 4, 1, y, ldy, x, ldx, t0, w, cols, r + 8 * k);
         }
         switch (n_tok - t0) {
         case 3:
-            for (int k = 0; k < (wide ? 4 : 1); k++) dense_rows(enc, 3, 1, y, ldy, x, ldx, t0, w, cols, r + 8 * k);
+            for (int k = 0; k < (wide ? DENSE_WIDE : 1); k++) dense_rows(enc, 3, 1, y, ldy, x, ldx, t0, w, cols, r + 8 * k);
             break;
         case 2:
-            if (wide) dense_rows(enc, 2, 4, y, ldy, x, ldx, t0, w, cols, r);
+            if (wide) dense_rows(enc, 2, DENSE_WIDE, y, ldy, x, ldx, t0, w, cols, r);
             else dense_rows(enc, 2, 1, y, ldy, x, ldx, t0, w, cols, r);
             break;
         case 1:
-            if (wide) dense_rows(enc, 1, 4, y, ldy, x, ldx, t0, w, cols, r);
+            if (wide) dense_rows(enc, 1, DENSE_WIDE, y, ldy, x, ldx, t0, w, cols, r);
             else dense_rows(enc, 1, 1, y, ldy, x, ldx, t0, w, cols, r);
             break;
         default: break;
         }
-        r += wide ? 32 : 8;
+        r += wide ? 8 * DENSE_WIDE : 8;
     }
 }
 
@@ -737,27 +771,41 @@ BN_AVX2 BN_INLINE float hsum8_ps(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
 }
 
-BN_AVX2 void bn_attention_head_avx2(float *out, const float *q, const float *k, const float *v, uint64_t stride,
-                                    uint32_t n_pos, uint32_t D, float scale, float *att) {
-    if (D % 8) {
-        bn_attention_head(out, q, k, v, stride, n_pos, D, scale, att);
-        return;
-    }
+/* 8 cache elements from element i of a row, widened to float: f16 (kv_f16, exact) or float. */
+BN_AVX2 BN_INLINE __m256 load8_kv(const void *row, uint64_t i, int kv_f16) {
+    return kv_f16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + i)))
+                  : _mm256_loadu_ps((const float *)row + i);
+}
+
+/* One attention head over either cache type, D % 8 == 0 (kv_f16 is a constant at each call). */
+BN_AVX2 BN_INLINE void attention_head_avx2(float *out, const float *q, const void *k, const void *v, uint64_t stride,
+                                           uint32_t n_pos, uint32_t D, float scale, float *att, int kv_f16) {
     for (uint32_t j = 0; j < n_pos; j++) {
-        const float *kj = k + j * stride;
         __m256 acc = _mm256_setzero_ps();
         for (uint32_t i = 0; i < D; i += 8)
-            acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(kj + i)));
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(q + i), load8_kv(k, j * stride + i, kv_f16)));
         att[j] = hsum8_ps(acc) * scale;
     }
     const float sum = bn_softmax_numerators(att, n_pos);
     memset(out, 0, D * sizeof *out);
     for (uint32_t j = 0; j < n_pos; j++) {
-        const float *vj = v + j * stride;
         const __m256 p = _mm256_set1_ps(att[j] / sum);
         for (uint32_t i = 0; i < D; i += 8)
-            _mm256_storeu_ps(out + i, _mm256_add_ps(_mm256_loadu_ps(out + i), _mm256_mul_ps(p, _mm256_loadu_ps(vj + i))));
+            _mm256_storeu_ps(out + i,
+                             _mm256_add_ps(_mm256_loadu_ps(out + i), _mm256_mul_ps(p, load8_kv(v, j * stride + i, kv_f16))));
     }
+}
+
+BN_AVX2 void bn_attention_head_avx2(float *out, const float *q, const float *k, const float *v, uint64_t stride,
+                                    uint32_t n_pos, uint32_t D, float scale, float *att) {
+    if (D % 8) bn_attention_head(out, q, k, v, stride, n_pos, D, scale, att);
+    else attention_head_avx2(out, q, k, v, stride, n_pos, D, scale, att, 0);
+}
+
+BN_AVX2 void bn_attention_head_f16_avx2(float *out, const float *q, const uint16_t *k, const uint16_t *v,
+                                        uint64_t stride, uint32_t n_pos, uint32_t D, float scale, float *att) {
+    if (D % 8) bn_attention_head_f16(out, q, k, v, stride, n_pos, D, scale, att);
+    else attention_head_avx2(out, q, k, v, stride, n_pos, D, scale, att, 1);
 }
 
 const bn_kernels bn_kernels_avx2 = {
@@ -769,6 +817,7 @@ const bn_kernels bn_kernels_avx2 = {
     .q8_matmul = bn_q8_matmul_avx2,
     .quantize_row = bn_quantize_row_avx2,
     .attention_head = bn_attention_head_avx2,
+    .attention_head_f16 = bn_attention_head_f16_avx2,
 };
 
 #else

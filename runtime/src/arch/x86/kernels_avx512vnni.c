@@ -6,7 +6,8 @@
  *
  * I2 matmul, a register-tiled GEMM for prompt batches. One step reads 64 weight bytes (256
  * elements) of each of I2V_ROWS rows; byte k holds elements 4k..4k+3. The activations of each token
- * are deinterleaved once per call (bn_i2_planes_avx2, interleave 2) into blocks of 4 planes of 64
+ * are deinterleaved once per call (bn_i2_gemm, kernels_x86.h, which drives the tiles here:
+ * bn_i2_planes_avx2 with interleave 2) into blocks of 4 planes of 64
  * bytes, lane k of plane i = x[4k + i], so that plane i of the weights, ((byte >> 2i) & 3) mapped
  * {0,1,2,3} -> {0,1,2,1} (code 3 counts as 0), lines up with plane i of x. The codes are w + 1 and
  * non-negative, x is signed: vpdpbusd (u8 x s8, four products summed into each int32 lane) gives
@@ -35,7 +36,6 @@ enum {
     I2V_BLOCK = 256,       /* elements per step (4 planes of 64 activation bytes) */
     I2V_ROWS = 4,          /* rows sharing each token plane */
     I2V_TOKENS = 4,        /* tokens sharing each unpacked row plane */
-    I2V_TOKEN_CHUNK = 64,  /* tokens deinterleaved per pass (bounds the scratch memory) */
     I2V_PREFETCH = 2048,   /* bytes ahead in the weight stream when decoding (2048 measured best of 2048, 4096) */
 };
 
@@ -96,8 +96,6 @@ BN_AVX512VNNI BN_INLINE void i2v_tile(int R, int NT, const uint8_t *w, uint32_t 
     }
 }
 
-typedef void (*i2v_tile_fn)(const uint8_t *, uint32_t, const int8_t *, size_t, const int32_t *, int32_t *, size_t);
-
 /* Instances with constant row and token counts, so that the accumulators live in registers. */
 #define I2V_INSTANCE(R, NT)                                                                                        \
     BN_AVX512VNNI static void i2v_tile_##R##x##NT(const uint8_t *w, uint32_t rb, const int8_t *p, size_t ts,       \
@@ -113,36 +111,16 @@ I2V_INSTANCE(1, 2)
 I2V_INSTANCE(1, 3)
 I2V_INSTANCE(1, 4)
 
+static const bn_i2_tiling i2v_tiling = {
+    .interleave = I2V_BLOCK / 128,
+    .rows = I2V_ROWS,
+    .multi = {NULL, i2v_tile_4x1, i2v_tile_4x2, i2v_tile_4x3, i2v_tile_4x4},
+    .single = {NULL, i2v_tile_1x1, i2v_tile_1x2, i2v_tile_1x3, i2v_tile_1x4},
+};
+
 BN_AVX512VNNI static void i2_matmul_avx512vnni(int32_t *y, size_t ldy, const int8_t *x, size_t ldx, uint32_t n_tok,
                                                const uint8_t *w, uint32_t cols, uint32_t r0, uint32_t r1) {
-    if (r0 >= r1 || n_tok == 0) return;
-    const uint32_t row_bytes = (cols + 3) / 4;
-    const size_t tstride = (size_t)(cols + I2V_BLOCK - 1) / I2V_BLOCK * I2V_BLOCK; /* plane bytes per token */
-    const uint32_t chunk = n_tok < I2V_TOKEN_CHUNK ? n_tok : I2V_TOKEN_CHUNK;
-    int8_t *planes = bn_x86_scratch(chunk * tstride + chunk * sizeof(int32_t));
-    if (!planes) { /* out of memory: the reference gives the same result */
-        bn_kernels_ref.i2_matmul(y, ldy, x, ldx, n_tok, w, cols, r0, r1);
-        return;
-    }
-    int32_t *sums = (int32_t *)(planes + chunk * tstride);
-    static const i2v_tile_fn tile4[I2V_TOKENS + 1] = {NULL, i2v_tile_4x1, i2v_tile_4x2, i2v_tile_4x3, i2v_tile_4x4};
-    static const i2v_tile_fn tile1[I2V_TOKENS + 1] = {NULL, i2v_tile_1x1, i2v_tile_1x2, i2v_tile_1x3, i2v_tile_1x4};
-
-    for (uint32_t t0 = 0; t0 < n_tok; t0 += chunk) {
-        const uint32_t nt = n_tok - t0 < chunk ? n_tok - t0 : chunk;
-        for (uint32_t t = 0; t < nt; t++) sums[t] = bn_i2_planes_avx2(planes + t * tstride, x + (t0 + t) * ldx, cols, 2);
-        /* rows outer, tokens inner: a tile's rows are read from memory once, then stay in L1 */
-        for (uint32_t r = r0; r < r1;) {
-            const uint32_t R = r1 - r >= I2V_ROWS && nt > 1 ? I2V_ROWS : 1; /* one token: row by row */
-            const i2v_tile_fn *fn = R == I2V_ROWS ? tile4 : tile1;
-            for (uint32_t tb = 0; tb < nt; tb += I2V_TOKENS) {
-                const uint32_t k = nt - tb < I2V_TOKENS ? nt - tb : I2V_TOKENS;
-                fn[k](w + (size_t)r * row_bytes, row_bytes, planes + tb * tstride, tstride, sums + tb,
-                      y + (size_t)(t0 + tb) * ldy + r, ldy);
-            }
-            r += R;
-        }
-    }
+    bn_i2_gemm(&i2v_tiling, y, ldy, x, ldx, n_tok, w, cols, r0, r1);
 }
 
 const bn_kernels bn_kernels_avx512vnni = {
@@ -154,6 +132,7 @@ const bn_kernels bn_kernels_avx512vnni = {
     .q8_matmul = bn_q8_matmul_avx2,
     .quantize_row = bn_quantize_row_avx2,
     .attention_head = bn_attention_head_avx2,
+    .attention_head_f16 = bn_attention_head_f16_avx2,
 };
 
 #else

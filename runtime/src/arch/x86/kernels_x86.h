@@ -16,6 +16,25 @@ void *bn_x86_scratch(size_t n);
  * element 128 * interleave * b + 4k + i; past cols, zeros. Returns sum(x). Requires AVX2. */
 int32_t bn_i2_planes_avx2(int8_t *dst, const int8_t *x, uint32_t cols, uint32_t interleave);
 
+/* One register tile of an I2 GEMM: y[t*ldy + r] = dot(row r, token t) for the tile's rows (from w,
+ * row_bytes apart) and tokens (planes tstride bytes apart, bn_i2_planes_avx2), sums[t] = sum(x_t). */
+typedef void (*bn_i2_tile_fn)(const uint8_t *w, uint32_t row_bytes, const int8_t *planes, size_t tstride,
+                              const int32_t *sums, int32_t *y, size_t ldy);
+
+/* The tiles of one I2 GEMM (kernels_avxvnni.c, kernels_avx512vnni.c): [k] takes k (1..4) tokens. */
+typedef struct {
+    uint32_t interleave;      /* bn_i2_planes_avx2's interleave (128 * interleave elements per step) */
+    uint32_t rows;            /* rows of a `multi` tile */
+    bn_i2_tile_fn multi[5];   /* `rows` rows */
+    bn_i2_tile_fn single[5];  /* 1 row: the last rows, and single tokens (decoding: one row stream) */
+} bn_i2_tiling;
+
+/* The I2 matmul (kernels.h) with those tiles: the activations deinterleaved in chunks of up to 64
+ * tokens, then rows outer, tokens inner, so that a tile's rows are read from memory once and stay
+ * in L1 while all tokens pass. Requires AVX2 and what the tiles need. */
+void bn_i2_gemm(const bn_i2_tiling *tiling, int32_t *y, size_t ldy, const int8_t *x, size_t ldx, uint32_t n_tok,
+                const uint8_t *w, uint32_t cols, uint32_t r0, uint32_t r1);
+
 /* The AVX2 variant's kernels (kernels.h for their contracts). */
 void bn_tl1_matmul_avx2(int32_t *y, size_t ldy, const int8_t *x, size_t ldx, uint32_t n_tok, const uint8_t *w,
                         uint32_t cols, uint32_t r0, uint32_t r1);
@@ -28,5 +47,7 @@ void bn_q8_matmul_avx2(float *y, size_t ldy, const int8_t *x, size_t ldx, const 
 float bn_quantize_row_avx2(int8_t *q, const float *x, uint32_t n);
 void bn_attention_head_avx2(float *out, const float *q, const float *k, const float *v, uint64_t stride,
                             uint32_t n_pos, uint32_t D, float scale, float *att);
+void bn_attention_head_f16_avx2(float *out, const float *q, const uint16_t *k, const uint16_t *v, uint64_t stride,
+                                uint32_t n_pos, uint32_t D, float scale, float *att);
 
 #endif
