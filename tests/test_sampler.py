@@ -78,11 +78,18 @@ def c_probs(sampler: Sampler, logits: np.ndarray, history: list[int]) -> dict[in
     return dict(zip(ids.tolist(), probs.astype(np.float64).tolist()))
 
 
+# A weight exp((v - max) / T) below float32's normal range (~1e-38) may round to zero on one side and
+# not the other (numpy's exp keeps subnormals, the runtime's polynomial exp flushes them): such a token
+# can never be drawn either way, so it may be missing from one side.
+UNDERFLOW = 1e-30
+
+
 def assert_same_distribution(got: dict[int, float], want: dict[int, float]) -> None:
-    assert set(got) == set(want), f"tokens differ: only C {sorted(set(got) - set(want))[:10]}, " \
-                                  f"only numpy {sorted(set(want) - set(got))[:10]}"
-    ids = sorted(want)
-    np.testing.assert_allclose([got[i] for i in ids], [want[i] for i in ids], rtol=1e-5, atol=1e-6)
+    only_c = {t for t in set(got) - set(want) if got[t] >= UNDERFLOW}
+    only_np = {t for t in set(want) - set(got) if want[t] >= UNDERFLOW}
+    assert not only_c and not only_np, f"tokens differ: only C {sorted(only_c)[:10]}, only numpy {sorted(only_np)[:10]}"
+    ids = sorted(set(want) | set(got))
+    np.testing.assert_allclose([got.get(i, 0.0) for i in ids], [want.get(i, 0.0) for i in ids], rtol=1e-5, atol=1e-6)
 
 
 def logits_of(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
