@@ -38,7 +38,7 @@ def tiny_path(cache_dir):
 
 
 def test_2b_4t_plan_matches_the_released_model():
-    """REFERENCE.md section 1 and 3: the exact 2B-4T dimensions and parameter counts (no file written)."""
+    """The exact 2B-4T dimensions (microsoft/bitnet-b1.58-2B-4T config.json) and parameter counts (no file written)."""
     s = syn.SHAPES["2b-4t"]
     assert (s.vocab_size, s.hidden_size, s.intermediate_size, s.n_layers, s.n_heads, s.n_kv_heads, s.head_dim) == (
         128256, 2560, 6912, 30, 20, 5, 128)

@@ -1,6 +1,6 @@
 """The runtime against transformers (the reference) on tiny random checkpoints in both released formats.
 
-Tolerances (REFERENCE.md section 7): the integer parts of every BitLinear are exact on both sides, so
+Tolerances: the integer parts of every BitLinear are exact on both sides, so
 logits differ only through float summation order and, rarely, an activation within ~1e-5 of a .5
 rounding tie whose int8 value flips by one and perturbs later positions. Hence:
 - one BitLinear given the same float input: relative error <= 1e-5 (measured ~1e-7), tight;
@@ -144,7 +144,7 @@ def test_f32_cache_logits_match_transformers(case):
 def test_greedy_generation_matches_transformers(case):
     model, reference = case.model, case.reference
     prompt = _prompt_ids(model, 9, seed=case.seed + 100)
-    # a pad id that is not in the prompt, so generate() masks nothing (REFERENCE.md section 7)
+    # a pad id that is not in the prompt, so generate() masks nothing
     pad = next(i for i in range(model.n_vocab) if i not in prompt)
     with torch.no_grad(), f16_kv(reference):
         out = reference.generate(

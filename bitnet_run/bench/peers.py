@@ -2,7 +2,7 @@
 format, timed interleaved with bitnet-run.
 
 `write_gguf` writes a synthetic shape (bitnet_run/bench/synthetic.py) as a GGUF that llama.cpp-family
-runtimes load (REFERENCE.md sections 8 and 10): architecture `bitnet` for shapes with sub-norms
+runtimes load: architecture `bitnet` for shapes with sub-norms
 (the 1bitLLM names, which llama.cpp, bitnet.cpp and ik_llama.cpp all know), `llama` for the others, or
 `bitnet-b1.58` (2B-4T's, relu2 FFN, known to bitnet.cpp's newer releases and to ik_llama.cpp), the
 tensors of the shape's plan (convert/arch.py) under their llama.cpp names (arch.gguf_name:
