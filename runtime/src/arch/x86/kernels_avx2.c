@@ -808,17 +808,7 @@ BN_AVX2 void bn_attention_head_f16_avx2(float *out, const float *q, const uint16
     else attention_head_avx2(out, q, k, v, stride, n_pos, D, scale, att, 1);
 }
 
-const bn_kernels bn_kernels_avx2 = {
-    .name = "avx2",
-    .i2_matmul = i2_matmul_avx2,
-    .tl1_matmul = bn_tl1_matmul_avx2,
-    .tl2_matmul = bn_tl2_matmul_avx2,
-    .dense_matmul = bn_dense_matmul_avx2,
-    .q8_matmul = bn_q8_matmul_avx2,
-    .quantize_row = bn_quantize_row_avx2,
-    .attention_head = bn_attention_head_avx2,
-    .attention_head_f16 = bn_attention_head_f16_avx2,
-};
+const bn_kernels bn_kernels_avx2 = BN_X86_KERNELS("avx2", i2_matmul_avx2);
 
 #else
 typedef int bn_kernels_avx2_unused; /* not x86-64: nothing to compile (ISO C forbids an empty file) */

@@ -123,17 +123,7 @@ BN_AVX512VNNI static void i2_matmul_avx512vnni(int32_t *y, size_t ldy, const int
     bn_i2_gemm(&i2v_tiling, y, ldy, x, ldx, n_tok, w, cols, r0, r1);
 }
 
-const bn_kernels bn_kernels_avx512vnni = {
-    .name = "avx512vnni",
-    .i2_matmul = i2_matmul_avx512vnni,
-    .tl1_matmul = bn_tl1_matmul_avx2,
-    .tl2_matmul = bn_tl2_matmul_avx2,
-    .dense_matmul = bn_dense_matmul_avx2,
-    .q8_matmul = bn_q8_matmul_avx2,
-    .quantize_row = bn_quantize_row_avx2,
-    .attention_head = bn_attention_head_avx2,
-    .attention_head_f16 = bn_attention_head_f16_avx2,
-};
+const bn_kernels bn_kernels_avx512vnni = BN_X86_KERNELS("avx512vnni", i2_matmul_avx512vnni);
 
 #else
 typedef int bn_kernels_avx512vnni_unused; /* not x86-64: nothing to compile (ISO C forbids an empty file) */
