@@ -430,6 +430,31 @@ def test_dense_reference_close_to_numpy(encoding):
     assert np.all(np.abs(dense_matmul(0, x, w, encoding) - exact) <= 1e-5 * scale)
 
 
+def dense_in_documented_order(x: np.ndarray, w: np.ndarray, encoding: int) -> np.ndarray:
+    """The reference's order (runtime/src/kernels.h, BN_DENSE_LANES) in numpy float32, whose elementwise
+    multiply and add round like C's: lane l sums x[j] * w[j] for j = l (mod 16) in increasing j, then
+    the lanes are folded in halves (s[l] += s[l + 8], + 4, + 2, + 1)."""
+    wf = dense_as_f32(w, encoding).astype(np.float32)  # exact: every encoding widens into float32
+    lanes = np.zeros((x.shape[0], w.shape[0], 16), dtype=np.float32)
+    for j0 in range(0, x.shape[1], 16):
+        p = x[:, None, j0:j0 + 16] * wf[None, :, j0:j0 + 16]
+        lanes[:, :, :p.shape[2]] += p
+    for h in (8, 4, 2, 1):
+        lanes[:, :, :h] += lanes[:, :, h:2 * h]
+    return lanes[:, :, 0]
+
+
+@pytest.mark.parametrize("encoding", [ENC_F32, ENC_F16, ENC_BF16], ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("cols", [1, 15, 16, 17, 333, 2560])
+def test_dense_reference_sums_in_the_documented_order(encoding, cols):
+    """Bit for bit against a numpy model of the order every variant must follow."""
+    rng = np.random.default_rng(cols)
+    w = dense_weights(encoding, 11, cols, rng)
+    x = (rng.standard_normal((3, cols)) * np.exp(rng.uniform(-8, 8, (3, cols)))).astype(np.float32)
+    expected = dense_in_documented_order(x, w, encoding)
+    np.testing.assert_array_equal(dense_matmul(0, x, w, encoding).view(np.uint32), expected.view(np.uint32))
+
+
 @needs_fast
 @pytest.mark.parametrize("variant", FAST, ids=[VARIANTS[i] for i in FAST])
 @settings(max_examples=120, deadline=None)
@@ -442,7 +467,7 @@ def test_dense_reference_close_to_numpy(encoding):
     seed=st.integers(0, 2**32 - 1),
 )
 def test_dense_variant_matches_reference(variant, rows, cols, n_tok, encoding, n_threads, seed):
-    """Bit for bit: the fast kernels sum each row in the reference's order."""
+    """Bit for bit: the fast kernels sum in the reference's order."""
     rng = np.random.default_rng(seed)
     w = dense_weights(encoding, rows, cols, rng)
     x = rng.standard_normal((n_tok, cols)).astype(np.float32)

@@ -9,7 +9,8 @@ These run inside each tgN test, interleaved with it (and each other) run by run:
   one-token prompt to N tokens with the default sampling parameters (stop tokens ignored), timed
   whole: the same N evaluations as tgN plus sampling, detokenization and the Python loop.
 - tgN xS (`--parallel S,...`): S sequences decoded together, N steps of one batch of S tokens (one
-  per sequence, bn_decode), from position 0; t/s is the aggregate S*N / seconds.
+  per sequence, bn_decode, with the logits of all S), from position 0; t/s is the aggregate S*N /
+  seconds.
 Each test runs once
 untimed (warm-up: it also pages the mapped weights in), then `repetitions` timed runs; the report is
 mean +- sample standard deviation of tokens/s over the repetitions.
@@ -273,14 +274,16 @@ def _time_e2e(model, tokens: np.ndarray) -> float:
 
 
 def _time_parallel(context, tokens: np.ndarray, n_seq: int, n_vocab: int) -> float:
-    """tokens.size steps, each one bn_decode batch of n_seq tokens (sequence s gets tokens + s)."""
+    """tokens.size steps, each one bn_decode batch of n_seq tokens (sequence s gets tokens + s) with
+    the logits of every sequence, as a server decoding n_seq streams needs them."""
     for seq in range(n_seq):
         context.clear(seq)
     seq_ids = list(range(n_seq))
+    want = [True] * n_seq
     start = time.perf_counter()
     for pos in range(tokens.size):
         batch = [(int(tokens[pos]) + seq) % n_vocab for seq in seq_ids]
-        context.decode(batch, seq_ids, [pos] * n_seq)
+        context.decode(batch, seq_ids, [pos] * n_seq, want_logits=want)
     return time.perf_counter() - start
 
 

@@ -95,36 +95,26 @@ static void tl2_matmul_ref(int32_t *y, size_t ldy, const int8_t *x, size_t ldx, 
     }
 }
 
-static float dot_f32(const float *x, const float *w, uint32_t n) {
-    float acc = 0.0f;
-    for (uint32_t j = 0; j < n; j++) acc += x[j] * w[j];
-    return acc;
+/* Column j of a dense row as a float (exact widening). */
+static float dense_elem(uint32_t encoding, const void *w, size_t j) {
+    if (encoding == BN_ENC_F32) return ((const float *)w)[j];
+    if (encoding == BN_ENC_F16) return bn_fp16_to_f32(((const uint16_t *)w)[j]);
+    return bn_bf16_to_f32(((const uint16_t *)w)[j]);
 }
 
-static float dot_f16(const float *x, const uint16_t *w, uint32_t n) {
-    float acc = 0.0f;
-    for (uint32_t j = 0; j < n; j++) acc += x[j] * bn_fp16_to_f32(w[j]);
-    return acc;
-}
-
-static float dot_bf16(const float *x, const uint16_t *w, uint32_t n) {
-    float acc = 0.0f;
-    for (uint32_t j = 0; j < n; j++) acc += x[j] * bn_bf16_to_f32(w[j]);
-    return acc;
+/* dot(x, w) in the order of kernels.h (BN_DENSE_LANES lane sums, then folded). */
+static float dense_dot_ref(uint32_t encoding, const float *x, const void *w, uint32_t n) {
+    float s[BN_DENSE_LANES] = {0};
+    for (uint32_t j = 0; j < n; j++) s[j % BN_DENSE_LANES] += x[j] * dense_elem(encoding, w, j);
+    return bn_dense_fold(s);
 }
 
 static void dense_matmul_ref(float *y, size_t ldy, const float *x, size_t ldx, uint32_t n_tok, const void *w,
                              uint32_t encoding, uint32_t cols, uint32_t r0, uint32_t r1) {
-    for (uint32_t r = r0; r < r1; r++) {
-        for (uint32_t t = 0; t < n_tok; t++) {
-            const float *xt = x + t * ldx;
-            float v;
-            if (encoding == BN_ENC_F32) v = dot_f32(xt, (const float *)w + (size_t)r * cols, cols);
-            else if (encoding == BN_ENC_F16) v = dot_f16(xt, (const uint16_t *)w + (size_t)r * cols, cols);
-            else v = dot_bf16(xt, (const uint16_t *)w + (size_t)r * cols, cols);
-            y[t * ldy + r] = v;
-        }
-    }
+    const size_t esize = encoding == BN_ENC_F32 ? 4 : 2;
+    for (uint32_t r = r0; r < r1; r++)
+        for (uint32_t t = 0; t < n_tok; t++)
+            y[t * ldy + r] = dense_dot_ref(encoding, x + t * ldx, (const char *)w + (size_t)r * cols * esize, cols);
 }
 
 static void q8_matmul_ref(float *y, size_t ldy, const int8_t *x, size_t ldx, const float *xs, uint32_t n_tok,

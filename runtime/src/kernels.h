@@ -61,7 +61,7 @@ typedef struct {
     bn_ternary_matmul_fn tl1_matmul;
     bn_ternary_matmul_fn tl2_matmul;
     /* Float matmul: y[t*ldy + r] = sum_j x[t*ldx + j] * w[r][j] in float, w a [rows][cols] F32/F16/BF16
-     * matrix (the output head). */
+     * matrix (the output head), each sum in the order of BN_DENSE_LANES (below). */
     void (*dense_matmul)(float *y, size_t ldy, const float *x, size_t ldx, uint32_t n_tok, const void *w,
                          uint32_t encoding, uint32_t cols, uint32_t r0, uint32_t r1);
     /* The Q8_R output head (above): exact int32 dots, then one divide and one multiply in float. */
@@ -78,6 +78,22 @@ typedef struct {
                                uint32_t n_pos, uint32_t D, float scale, float *att);
 } bn_kernels;
 
+/* ---- the dense dot product's order ----
+ * Every dense_matmul variant sums in this order, so that they agree bit for bit: BN_DENSE_LANES
+ * partial sums, lane l taking the products x[j] * w[j] of the columns j = l (mod 16) in increasing j
+ * (each product rounded to float, then added; no fused multiply-add), then the lanes folded in
+ * halves, s[l] += s[l + 8], s[l] += s[l + 4], s[l] += s[l + 2], s[0] + s[1]. The lanes are what two
+ * AVX2 (one AVX-512, four NEON) vectors hold when they load 16 consecutive columns, so a SIMD kernel
+ * needs no transpose and each row and token is 16 independent add chains. */
+#define BN_DENSE_LANES 16
+
+/* Folds the lane sums s[BN_DENSE_LANES] as above (s is overwritten). */
+static inline float bn_dense_fold(float s[BN_DENSE_LANES]) {
+    for (int h = BN_DENSE_LANES / 2; h > 0; h /= 2)
+        for (int l = 0; l < h; l++) s[l] += s[l + h];
+    return s[0];
+}
+
 /* The ternary kernel of a variant for encoding I2, TL1 or TL2; NULL for any other encoding. */
 static inline bn_ternary_matmul_fn bn_kernels_ternary(const bn_kernels *k, uint32_t encoding) {
     switch (encoding) {
@@ -89,7 +105,7 @@ static inline bn_ternary_matmul_fn bn_kernels_ternary(const bn_kernels *k, uint3
 }
 
 /* The scalar reference; every other variant must agree with it (bit for bit: the float kernels too,
- * as they sum each row in the same order, with separate multiplies and adds). */
+ * as they sum in the same order, with separate multiplies and adds). */
 extern const bn_kernels bn_kernels_ref;
 
 #if defined(__x86_64__)

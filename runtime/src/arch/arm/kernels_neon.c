@@ -30,11 +30,11 @@
  * weights once per 4 tokens (unlike the AVX2 kernels' token chunks, which need a table buffer per
  * thread; with no ARM machine to measure on, the simpler layout stays).
  *
- * Dense matmul (output head). The reference sums each row left to right with a separate multiply
- * and add per element, so the 4 lanes of a vector are 4 rows: a 4x4 weight tile is transposed in
- * registers, then for each column j acc[rows] = acc + x[j] * w[rows][j] (never a fused
- * multiply-add; the build passes -ffp-contract=off), per row the reference's operations in its
- * order, with its operand order (which decides the NaN that propagates).
+ * Dense matmul (output head). The reference's order (kernels.h) puts column j in lane j % 16, so
+ * four vectors loaded from 16 consecutive columns are the 16 lane sums of one row and token: acc =
+ * acc + x * w (never a fused multiply-add; the build passes -ffp-contract=off), with the reference's
+ * operand order (which decides the NaN that propagates), folded as the reference does at the end.
+ * Each widened weight vector serves up to 4 tokens; a single token takes 2 rows at once (8 chains).
  *
  * Activation quantization and attention follow ops.h's references: max|x| is exact in any order
  * (FMAXNM ignores a quiet NaN like fmaxf), then x * s, round half to even (FRINTN, like rintf in the
@@ -321,8 +321,8 @@ static void tl2_matmul_neon(int32_t *y, size_t ldy, const int8_t *x, size_t ldx,
 /* ---- dense (output head) ---- */
 
 enum {
-    DENSE_TOKENS = 4, /* tokens sharing one transposed tile */
-    DENSE_GROUPS = 2, /* groups of 4 rows per call of dense_rows, at most */
+    DENSE_TOKENS = 4, /* tokens sharing one widened weight vector, at most */
+    DENSE_ROWS = 2,   /* rows at once for a single token */
 };
 
 /* w[i .. i+3] of an F32 / F16 / BF16 array as floats (exact widening): the output head's weights,
@@ -340,80 +340,62 @@ BN_INLINE float dense_at(int enc, const void *w, size_t i) {
     return bn_bf16_to_f32(((const uint16_t *)w)[i]);
 }
 
-/* col[j] = w[r + 0..3][j0 + j] for j < 4: the 4x4 tile transposed. */
-BN_INLINE void dense_tile(int enc, const void *w, uint32_t cols, uint32_t r, uint32_t j0, float32x4_t col[4]) {
-    float32x4_t a[4];
-    for (int i = 0; i < 4; i++) a[i] = dense_load4(enc, w, (size_t)(r + i) * cols + j0);
-    const float32x4_t t0 = vtrn1q_f32(a[0], a[1]), t1 = vtrn2q_f32(a[0], a[1]);
-    const float32x4_t t2 = vtrn1q_f32(a[2], a[3]), t3 = vtrn2q_f32(a[2], a[3]);
-    col[0] = vreinterpretq_f32_f64(vtrn1q_f64(vreinterpretq_f64_f32(t0), vreinterpretq_f64_f32(t2)));
-    col[1] = vreinterpretq_f32_f64(vtrn1q_f64(vreinterpretq_f64_f32(t1), vreinterpretq_f64_f32(t3)));
-    col[2] = vreinterpretq_f32_f64(vtrn2q_f64(vreinterpretq_f64_f32(t0), vreinterpretq_f64_f32(t2)));
-    col[3] = vreinterpretq_f32_f64(vtrn2q_f64(vreinterpretq_f64_f32(t1), vreinterpretq_f64_f32(t3)));
-}
-
-/* Rows r .. r+4*RG-1 for tokens t0 .. t0+NT-1: RG*NT independent chains of adds, one per 4 rows and
- * token, each in the reference's order. */
-BN_INLINE void dense_rows(int enc, int NT, int RG, float *y, size_t ldy, const float *x, size_t ldx, const void *w,
+/* Rows r .. r+R-1 for tokens 0 .. NT-1 of x (rows ldx apart) into y (rows ldy apart). */
+BN_INLINE void dense_rows(int enc, int R, int NT, float *y, size_t ldy, const float *x, size_t ldx, const void *w,
                           uint32_t cols, uint32_t r) {
-    float32x4_t acc[DENSE_GROUPS][DENSE_TOKENS];
-    for (int g = 0; g < RG; g++)
-        for (int t = 0; t < NT; t++) acc[g][t] = vdupq_n_f32(0.0f);
-    const uint32_t cols4 = cols / 4 * 4;
-    for (uint32_t j0 = 0; j0 < cols4; j0 += 4) {
-        float32x4_t col[DENSE_GROUPS][4];
-        for (int g = 0; g < RG; g++) dense_tile(enc, w, cols, r + 4 * g, j0, col[g]);
+    float32x4_t acc[DENSE_ROWS][DENSE_TOKENS][4];
+    for (int i = 0; i < R; i++)
         for (int t = 0; t < NT; t++)
-            for (int j = 0; j < 4; j++) {
-                const float32x4_t xj = vld1q_dup_f32(x + t * ldx + j0 + j);
-                for (int g = 0; g < RG; g++) acc[g][t] = vaddq_f32(acc[g][t], vmulq_f32(xj, col[g][j]));
-            }
-    }
-    for (int g = 0; g < RG; g++)
+            for (int q = 0; q < 4; q++) acc[i][t][q] = vdupq_n_f32(0.0f);
+    const uint32_t cols16 = cols / BN_DENSE_LANES * BN_DENSE_LANES;
+    for (uint32_t j = 0; j < cols16; j += BN_DENSE_LANES)
+        for (int i = 0; i < R; i++) {
+            float32x4_t wv[4];
+            for (int q = 0; q < 4; q++) wv[q] = dense_load4(enc, w, (size_t)(r + i) * cols + j + 4 * q);
+            for (int t = 0; t < NT; t++)
+                for (int q = 0; q < 4; q++)
+                    acc[i][t][q] = vaddq_f32(acc[i][t][q], vmulq_f32(vld1q_f32(x + t * ldx + j + 4 * q), wv[q]));
+        }
+    for (int i = 0; i < R; i++)
         for (int t = 0; t < NT; t++) {
-            float v[4];
-            vst1q_f32(v, acc[g][t]);
+            float s[BN_DENSE_LANES];
+            for (int q = 0; q < 4; q++) vst1q_f32(s + 4 * q, acc[i][t][q]);
             const float *xt = x + t * ldx;
-            const uint32_t rr = r + 4 * g;
-            for (uint32_t j = cols4; j < cols; j++)
-                for (int i = 0; i < 4; i++) v[i] += xt[j] * dense_at(enc, w, (size_t)(rr + i) * cols + j);
-            for (int i = 0; i < 4; i++) y[t * ldy + rr + i] = v[i];
+            for (uint32_t j = cols16; j < cols; j++) s[j % BN_DENSE_LANES] += xt[j] * dense_at(enc, w, (size_t)(r + i) * cols + j);
+            y[t * ldy + r + i] = bn_dense_fold(s);
         }
 }
 
-/* dense_rows with RG = 2 (8 rows) or 1 (4 rows). */
-BN_INLINE void dense_rows_of(int enc, int NT, int two, float *y, size_t ldy, const float *x, size_t ldx,
-                             const void *w, uint32_t cols, uint32_t r) {
-    if (two) dense_rows(enc, NT, 2, y, ldy, x, ldx, w, cols, r);
-    else dense_rows(enc, NT, 1, y, ldy, x, ldx, w, cols, r);
-}
-
+/* Rows [r0, r1): a single token two rows at a time; otherwise each row once for each group of up to
+ * DENSE_TOKENS tokens (constant counts, so that the accumulators live in registers). */
 BN_INLINE void dense_enc(int enc, float *y, size_t ldy, const float *x, size_t ldx, uint32_t n_tok, const void *w,
-                         uint32_t cols, uint32_t r0, uint32_t r4) {
-    for (uint32_t r = r0; r < r4;) {
-        const int two = r4 - r >= 8;
+                         uint32_t cols, uint32_t r0, uint32_t r1) {
+    for (uint32_t r = r0; r < r1;) {
+        if (n_tok == 1 && r1 - r >= DENSE_ROWS) {
+            dense_rows(enc, DENSE_ROWS, 1, y, ldy, x, ldx, w, cols, r);
+            r += DENSE_ROWS;
+            continue;
+        }
         for (uint32_t t0 = 0; t0 < n_tok; t0 += DENSE_TOKENS) {
             float *yt = y + t0 * ldy;
             const float *xt = x + t0 * ldx;
-            switch (n_tok - t0 < DENSE_TOKENS ? n_tok - t0 : DENSE_TOKENS) { /* constant token counts */
-            case 1: dense_rows_of(enc, 1, two, yt, ldy, xt, ldx, w, cols, r); break;
-            case 2: dense_rows_of(enc, 2, two, yt, ldy, xt, ldx, w, cols, r); break;
-            case 3: dense_rows_of(enc, 3, two, yt, ldy, xt, ldx, w, cols, r); break;
-            default: dense_rows_of(enc, 4, two, yt, ldy, xt, ldx, w, cols, r); break;
+            switch (n_tok - t0 < DENSE_TOKENS ? n_tok - t0 : DENSE_TOKENS) {
+            case 1: dense_rows(enc, 1, 1, yt, ldy, xt, ldx, w, cols, r); break;
+            case 2: dense_rows(enc, 1, 2, yt, ldy, xt, ldx, w, cols, r); break;
+            case 3: dense_rows(enc, 1, 3, yt, ldy, xt, ldx, w, cols, r); break;
+            default: dense_rows(enc, 1, 4, yt, ldy, xt, ldx, w, cols, r); break;
             }
         }
-        r += two ? 8 : 4;
+        r++;
     }
 }
 
 static void dense_matmul_neon(float *y, size_t ldy, const float *x, size_t ldx, uint32_t n_tok, const void *w,
                               uint32_t encoding, uint32_t cols, uint32_t r0, uint32_t r1) {
     if (r0 >= r1 || n_tok == 0) return;
-    const uint32_t r4 = r0 + (r1 - r0) / 4 * 4; /* whole groups of 4 rows; the rest by the reference */
-    if (encoding == BN_ENC_F32) dense_enc(BN_ENC_F32, y, ldy, x, ldx, n_tok, w, cols, r0, r4);
-    else if (encoding == BN_ENC_F16) dense_enc(BN_ENC_F16, y, ldy, x, ldx, n_tok, w, cols, r0, r4);
-    else dense_enc(BN_ENC_BF16, y, ldy, x, ldx, n_tok, w, cols, r0, r4);
-    if (r4 < r1) bn_kernels_ref.dense_matmul(y, ldy, x, ldx, n_tok, w, encoding, cols, r4, r1);
+    if (encoding == BN_ENC_F32) dense_enc(BN_ENC_F32, y, ldy, x, ldx, n_tok, w, cols, r0, r1);
+    else if (encoding == BN_ENC_F16) dense_enc(BN_ENC_F16, y, ldy, x, ldx, n_tok, w, cols, r0, r1);
+    else dense_enc(BN_ENC_BF16, y, ldy, x, ldx, n_tok, w, cols, r0, r1);
 }
 
 /* ---- Q8_R (8-bit output head) ---- */

@@ -27,11 +27,11 @@
  * triple's sign s (0 or -1 per row byte) as -T = (T ^ s) - s: both bytes are xor-ed with s before
  * summing, and the count of negated triples per row (shared by all tokens) is added at the flush.
  *
- * Dense matmul (output head). To stay bit-identical with the reference, which sums each row left
- * to right with a separate multiply and add per element, the 8 lanes of a vector are 8 rows (not 8
- * columns): an 8x8 weight tile is transposed in registers, then for each column j
- * acc[row lanes] = acc + x[j] * w[rows][j] (mulps + addps, never FMA), the same operations in the
- * same order as the reference, per row.
+ * Dense matmul (output head). The reference's order (kernels.h, bn_dense_dot) puts column j in lane
+ * j % 16, so two ymm vectors loaded from 16 consecutive columns are the 16 lane sums of one row and
+ * token: acc = acc + x * w (mulps + addps, never FMA) per vector, and the lanes are folded in the
+ * reference's halves at the end. A call takes R rows x NT tokens, R * NT * 2 independent add chains
+ * in registers; each converted weight vector serves NT tokens.
  *
  * Q8_R matmul (8-bit output head). maddubs multiplies an unsigned by a signed byte, so the sign
  * trick moves w's sign onto x: |w| (0..128, read as u8) times sign(x, w) = x * sign(w), which is
@@ -63,14 +63,9 @@ enum {
     I2_TOKENS = 4,       /* tokens sharing one unpacked weight block */
     I2_ROW_BLOCK = 16,   /* rows kept hot in cache while all token groups pass over them */
     I2_TOKEN_CHUNK = 64, /* tokens deinterleaved per pass (bounds the scratch memory) */
-    DENSE_CHAINS = 8,    /* accumulators (rows x tokens) of one dense_rows call, at most */
 };
 #ifndef I2_PREFETCH
 #define I2_PREFETCH 2048 /* bytes ahead in the weight stream (rows are contiguous) */
-#endif
-#ifndef DENSE_WIDE
-#define DENSE_WIDE 2 /* tiles of 8 rows per dense_rows call for 1-2 tokens: 16 row streams (4, i.e. 32 streams, read
-                        * the bf16 head ~1.5-2x slower, 1 tile leaves one add chain: interleaved A/B here) */
 #endif
 #ifndef DENSE_PREFETCH
 #define DENSE_PREFETCH 256 /* bytes ahead in each row stream */
@@ -540,150 +535,122 @@ BN_AVX2 void bn_tl2_matmul_avx2(int32_t *y, size_t ldy, const int8_t *x, size_t 
 
 /* ---- dense (output head) ---- */
 
-BN_AVX2 BN_INLINE __m256 half8_to_f32(int enc, __m128i h) {
-    if (enc == BN_ENC_F16) return _mm256_cvtph_ps(h);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); /* BF16 */
-}
+enum {
+    DENSE_ROW_BLOCK = 4, /* rows per block; a block's rows are read once for all tokens (they stay in L1) */
+    DENSE_TOKENS = 4,    /* tokens per call of dense_rows, at most */
+};
 
-/* In-register transpose of 8 vectors of 8 lanes: out[j] lane i = a[i] lane j. */
-BN_AVX2 BN_INLINE void transpose8_ps(const __m256 a[8], __m256 out[8]) {
-    __m256 t[8], s[8];
-    for (int i = 0; i < 8; i += 2) {
-        t[i] = _mm256_unpacklo_ps(a[i], a[i + 1]);
-        t[i + 1] = _mm256_unpackhi_ps(a[i], a[i + 1]);
-    }
-    for (int h = 0; h < 8; h += 4) { /* rows h..h+3: s = lanes 0/4, 1/5, 2/6, 3/7 */
-        s[h + 0] = _mm256_shuffle_ps(t[h + 0], t[h + 2], 0x44);
-        s[h + 1] = _mm256_shuffle_ps(t[h + 0], t[h + 2], 0xee);
-        s[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0x44);
-        s[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0xee);
-    }
-    for (int j = 0; j < 4; j++) {
-        out[j] = _mm256_permute2f128_ps(s[j], s[j + 4], 0x20);
-        out[j + 4] = _mm256_permute2f128_ps(s[j], s[j + 4], 0x31);
-    }
-}
-
-/* Columns per tile: BF16 tiles are 8 rows x 16 columns, transposed as 32-bit pairs of columns and
- * split with a shift and a mask (no shuffle per conversion); F32/F16 tiles are 8 x 8. */
-#define DENSE_TILE_COLS(enc) ((enc) == BN_ENC_BF16 ? 16 : 8)
-
-/* col[j] = w[r + 0..7][j0 + j] as floats, for j < DENSE_TILE_COLS(enc). */
-BN_AVX2 BN_INLINE void dense_tile(int enc, const void *w, uint32_t cols, uint32_t r, uint32_t j0, __m256 col[16]) {
-    __m256 a[8];
+/* Columns j .. j+15 of a dense row w (element offset i) as floats: lanes 0-7 in *lo, 8-15 in *hi. */
+BN_AVX2 BN_INLINE void dense_load16(int enc, const void *w, size_t i, __m256 *lo, __m256 *hi) {
     if (enc == BN_ENC_F32) {
-        const float *p = (const float *)w + (size_t)r * cols + j0;
-        for (int i = 0; i < 8; i++) a[i] = _mm256_loadu_ps(p + (size_t)i * cols);
-        transpose8_ps(a, col);
+        *lo = _mm256_loadu_ps((const float *)w + i);
+        *hi = _mm256_loadu_ps((const float *)w + i + 8);
         return;
     }
-    const uint16_t *p = (const uint16_t *)w + (size_t)r * cols + j0;
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i));
+    const __m128i h0 = _mm256_castsi256_si128(h), h1 = _mm256_extracti128_si256(h, 1);
     if (enc == BN_ENC_F16) {
-        for (int i = 0; i < 8; i++) a[i] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + (size_t)i * cols)));
-        transpose8_ps(a, col);
+        *lo = _mm256_cvtph_ps(h0);
+        *hi = _mm256_cvtph_ps(h1);
         return;
     }
-    __m256 v[8]; /* BF16: v[k] lane i = row i's columns 2k (low half) and 2k+1 (high half) */
-    for (int i = 0; i < 8; i++) a[i] = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)(p + (size_t)i * cols)));
-    transpose8_ps(a, v);
-    const __m256 hi_mask = _mm256_castsi256_ps(_mm256_set1_epi32((int)0xffff0000u));
-    for (int k = 0; k < 8; k++) {
-        col[2 * k] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(v[k]), 16));
-        col[2 * k + 1] = _mm256_and_ps(v[k], hi_mask);
-    }
+    *lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h0), 16)); /* BF16 */
+    *hi = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h1), 16));
 }
 
-BN_AVX2 BN_INLINE float dense_at(int enc, const void *w, uint32_t cols, uint32_t r, uint32_t j) {
-    const size_t i = (size_t)r * cols + j;
+BN_AVX2 BN_INLINE float dense_at(int enc, const void *w, size_t i) {
     if (enc == BN_ENC_F32) return ((const float *)w)[i];
     if (enc == BN_ENC_F16) return bn_fp16_to_f32(((const uint16_t *)w)[i]);
     return bn_bf16_to_f32(((const uint16_t *)w)[i]);
 }
 
-/* Rows r .. r+8*RT-1 for tokens t0 .. t0+NT-1. Each row is one dependent chain of adds (the
- * reference's order), so RT*NT independent chains hide the add latency. */
-BN_AVX2 BN_INLINE void dense_rows(int enc, int NT, int RT, float *y, size_t ldy, const float *x, size_t ldx,
-                                  uint32_t t0, const void *w, uint32_t cols, uint32_t r) {
-    __m256 acc[DENSE_CHAINS];
-    for (int i = 0; i < NT * RT; i++) acc[i] = _mm256_setzero_ps();
-    const uint32_t step = DENSE_TILE_COLS(enc), cols_tiled = cols / step * step;
+/* Rows r .. r+R-1 for tokens 0 .. NT-1 of x (rows ldx apart) into y (rows ldy apart). */
+BN_AVX2 BN_INLINE void dense_rows(int enc, int R, int NT, float *y, size_t ldy, const float *x, size_t ldx,
+                                  const void *w, uint32_t cols, uint32_t r) {
+    __m256 lo[DENSE_ROW_BLOCK][DENSE_TOKENS], hi[DENSE_ROW_BLOCK][DENSE_TOKENS];
+    for (int i = 0; i < R; i++)
+        for (int t = 0; t < NT; t++) lo[i][t] = hi[i][t] = _mm256_setzero_ps();
+    const uint32_t cols16 = cols / BN_DENSE_LANES * BN_DENSE_LANES;
     const size_t esize = enc == BN_ENC_F32 ? 4 : 2;
-    const char *wb = (const char *)w + (size_t)r * cols * esize;
-    for (uint32_t j0 = 0; j0 < cols_tiled; j0 += step) {
-        if ((j0 * esize) % 64 == 0) /* a line ahead in each row, once per line */
-            for (int i = 0; i < 8 * RT; i++)
-                _mm_prefetch(wb + ((size_t)i * cols + j0) * esize + DENSE_PREFETCH, _MM_HINT_T0);
-        for (int rt = 0; rt < RT; rt++) {
-            __m256 col[16];
-            dense_tile(enc, w, cols, r + 8 * rt, j0, col);
-            for (int j = 0; j < (int)step; j++)
-                for (int t = 0; t < NT; t++) {
-                    const __m256 xv = _mm256_broadcast_ss(x + (t0 + t) * ldx + j0 + j);
-                    acc[rt * NT + t] = _mm256_add_ps(acc[rt * NT + t], _mm256_mul_ps(xv, col[j]));
-                }
+    for (uint32_t j = 0; j < cols16; j += BN_DENSE_LANES) {
+        if ((j * esize) % 64 == 0) /* a line ahead in each row, once per line */
+            for (int i = 0; i < R; i++)
+                _mm_prefetch((const char *)w + ((size_t)(r + i) * cols + j) * esize + DENSE_PREFETCH, _MM_HINT_T0);
+        for (int i = 0; i < R; i++) {
+            __m256 wl, wh;
+            dense_load16(enc, w, (size_t)(r + i) * cols + j, &wl, &wh);
+            for (int t = 0; t < NT; t++) {
+                const float *xt = x + t * ldx + j;
+                lo[i][t] = _mm256_add_ps(lo[i][t], _mm256_mul_ps(_mm256_loadu_ps(xt), wl));
+                hi[i][t] = _mm256_add_ps(hi[i][t], _mm256_mul_ps(_mm256_loadu_ps(xt + 8), wh));
+            }
         }
     }
-    for (int rt = 0; rt < RT; rt++)
+    for (int i = 0; i < R; i++)
         for (int t = 0; t < NT; t++) {
-            float v[8];
-            _mm256_storeu_ps(v, acc[rt * NT + t]);
-            const float *xt = x + (t0 + t) * ldx;
-            const uint32_t rr = r + 8 * rt;
-            for (uint32_t j = cols_tiled; j < cols; j++)
-                for (int i = 0; i < 8; i++) v[i] += xt[j] * dense_at(enc, w, cols, rr + i, j);
-            for (int i = 0; i < 8; i++) y[(t0 + t) * ldy + rr + i] = v[i];
+            float s[BN_DENSE_LANES];
+            _mm256_storeu_ps(s, lo[i][t]);
+            _mm256_storeu_ps(s + 8, hi[i][t]);
+            const float *xt = x + t * ldx;
+            for (uint32_t j = cols16; j < cols; j++) s[j % BN_DENSE_LANES] += xt[j] * dense_at(enc, w, (size_t)(r + i) * cols + j);
+            y[t * ldy + r + i] = bn_dense_fold(s);
         }
 }
 
-BN_AVX2 BN_INLINE void dense_enc(int enc, float *y, size_t ldy, const float *x, size_t ldx, uint32_t n_tok,
-                                 const void *w, uint32_t cols, uint32_t r0, uint32_t r8) {
-    for (uint32_t r = r0; r < r8;) {
-        const int wide = r8 - r >= 8 * DENSE_WIDE; /* DENSE_WIDE tiles of 8 rows at once for 1-2 tokens */
-        uint32_t t0 = 0;
-        for (; t0 + 4 <= n_tok; t0 += 4) {
-            dense_rows(enc, 4, 1, y, ldy, x, ldx, t0, w, cols, r);
-            if (wide)
-                for (int k = 1; k < DENSE_WIDE; k++) dense_rows(enc, 4, 1, y, ldy, x, ldx, t0, w, cols, r + 8 * k);
+/* dense_rows with constant row and token counts (the accumulators in registers): R * NT * 2 <= 12 of
+ * the 16 ymm registers. */
+#define DENSE_ROWS_CASE(R, NT) dense_rows(enc, R, NT, y, ldy, x, ldx, w, cols, r)
+
+/* Rows [r0, r1) for n_tok tokens: blocks of DENSE_ROW_BLOCK rows, then the last rows one at a time;
+ * inside a block, groups of up to DENSE_TOKENS tokens, each with as many rows at once as fit. */
+BN_AVX2 BN_INLINE void dense_enc(int enc, float *y0, size_t ldy, const float *x0, size_t ldx, uint32_t n_tok,
+                                 const void *w, uint32_t cols, uint32_t r0, uint32_t r1) {
+    for (uint32_t rb = r0; rb < r1; rb += DENSE_ROW_BLOCK) {
+        const uint32_t n_rows = r1 - rb < DENSE_ROW_BLOCK ? r1 - rb : DENSE_ROW_BLOCK;
+        for (uint32_t t0 = 0; t0 < n_tok; t0 += DENSE_TOKENS) {
+            const uint32_t nt = n_tok - t0 < DENSE_TOKENS ? n_tok - t0 : DENSE_TOKENS;
+            float *y = y0 + t0 * ldy;
+            const float *x = x0 + t0 * ldx;
+            if (n_rows == DENSE_ROW_BLOCK && nt == 1) {
+                const uint32_t r = rb;
+                DENSE_ROWS_CASE(4, 1);
+                continue;
+            }
+            const uint32_t step = n_rows % 2 == 0 && nt <= 3 ? 2 : 1;
+            for (uint32_t r = rb; r < rb + n_rows; r += step) {
+                if (step == 2) {
+                    if (nt == 1) DENSE_ROWS_CASE(2, 1);
+                    else if (nt == 2) DENSE_ROWS_CASE(2, 2);
+                    else DENSE_ROWS_CASE(2, 3);
+                } else if (nt == 1) DENSE_ROWS_CASE(1, 1);
+                else if (nt == 2) DENSE_ROWS_CASE(1, 2);
+                else if (nt == 3) DENSE_ROWS_CASE(1, 3);
+                else DENSE_ROWS_CASE(1, 4);
+            }
         }
-        switch (n_tok - t0) {
-        case 3:
-            for (int k = 0; k < (wide ? DENSE_WIDE : 1); k++) dense_rows(enc, 3, 1, y, ldy, x, ldx, t0, w, cols, r + 8 * k);
-            break;
-        case 2:
-            if (wide) dense_rows(enc, 2, DENSE_WIDE, y, ldy, x, ldx, t0, w, cols, r);
-            else dense_rows(enc, 2, 1, y, ldy, x, ldx, t0, w, cols, r);
-            break;
-        case 1:
-            if (wide) dense_rows(enc, 1, DENSE_WIDE, y, ldy, x, ldx, t0, w, cols, r);
-            else dense_rows(enc, 1, 1, y, ldy, x, ldx, t0, w, cols, r);
-            break;
-        default: break;
-        }
-        r += wide ? 8 * DENSE_WIDE : 8;
     }
 }
+#undef DENSE_ROWS_CASE
 
 BN_AVX2 static void dense_f32(float *y, size_t ldy, const float *x, size_t ldx, uint32_t n_tok, const void *w,
-                              uint32_t cols, uint32_t r0, uint32_t r8) {
-    dense_enc(BN_ENC_F32, y, ldy, x, ldx, n_tok, w, cols, r0, r8);
+                              uint32_t cols, uint32_t r0, uint32_t r1) {
+    dense_enc(BN_ENC_F32, y, ldy, x, ldx, n_tok, w, cols, r0, r1);
 }
 BN_AVX2 static void dense_f16(float *y, size_t ldy, const float *x, size_t ldx, uint32_t n_tok, const void *w,
-                              uint32_t cols, uint32_t r0, uint32_t r8) {
-    dense_enc(BN_ENC_F16, y, ldy, x, ldx, n_tok, w, cols, r0, r8);
+                              uint32_t cols, uint32_t r0, uint32_t r1) {
+    dense_enc(BN_ENC_F16, y, ldy, x, ldx, n_tok, w, cols, r0, r1);
 }
 BN_AVX2 static void dense_bf16(float *y, size_t ldy, const float *x, size_t ldx, uint32_t n_tok, const void *w,
-                               uint32_t cols, uint32_t r0, uint32_t r8) {
-    dense_enc(BN_ENC_BF16, y, ldy, x, ldx, n_tok, w, cols, r0, r8);
+                               uint32_t cols, uint32_t r0, uint32_t r1) {
+    dense_enc(BN_ENC_BF16, y, ldy, x, ldx, n_tok, w, cols, r0, r1);
 }
 
 BN_AVX2 void bn_dense_matmul_avx2(float *y, size_t ldy, const float *x, size_t ldx, uint32_t n_tok,
                                       const void *w, uint32_t encoding, uint32_t cols, uint32_t r0, uint32_t r1) {
     if (r0 >= r1 || n_tok == 0) return;
-    const uint32_t r8 = r0 + (r1 - r0) / 8 * 8; /* whole groups of 8 rows; the rest by the reference */
-    if (encoding == BN_ENC_F32) dense_f32(y, ldy, x, ldx, n_tok, w, cols, r0, r8);
-    else if (encoding == BN_ENC_F16) dense_f16(y, ldy, x, ldx, n_tok, w, cols, r0, r8);
-    else dense_bf16(y, ldy, x, ldx, n_tok, w, cols, r0, r8);
-    if (r8 < r1) bn_kernels_ref.dense_matmul(y, ldy, x, ldx, n_tok, w, encoding, cols, r8, r1);
+    if (encoding == BN_ENC_F32) dense_f32(y, ldy, x, ldx, n_tok, w, cols, r0, r1);
+    else if (encoding == BN_ENC_F16) dense_f16(y, ldy, x, ldx, n_tok, w, cols, r0, r1);
+    else dense_bf16(y, ldy, x, ldx, n_tok, w, cols, r0, r1);
 }
 
 /* ---- Q8_R (8-bit output head) ---- */
@@ -808,7 +775,7 @@ BN_AVX2 void bn_attention_head_f16_avx2(float *out, const float *q, const uint16
     else attention_head_avx2(out, q, k, v, stride, n_pos, D, scale, att, 1);
 }
 
-const bn_kernels bn_kernels_avx2 = BN_X86_KERNELS("avx2", i2_matmul_avx2);
+const bn_kernels bn_kernels_avx2 = BN_X86_KERNELS("avx2", i2_matmul_avx2, bn_dense_matmul_avx2);
 
 #else
 typedef int bn_kernels_avx2_unused; /* not x86-64: nothing to compile (ISO C forbids an empty file) */

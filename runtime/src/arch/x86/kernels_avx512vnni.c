@@ -1,5 +1,6 @@
-/* AVX-512 VNNI kernels, bit-exact with the scalar reference in runtime/src/kernels.c. Only the I2
- * matmul has a kernel of its own here; the other entries are the AVX2 variant's (kernels_x86.h).
+/* AVX-512 VNNI kernels, bit-exact with the scalar reference in runtime/src/kernels.c. The I2 matmul
+ * and the dense head have kernels of their own here; the other entries are the AVX2 variant's
+ * (kernels_x86.h).
  * Like kernels_avx2.c, every function carries a target attribute (BN_AVX512VNNI) and is handed out
  * by bn_kernels_select() only when the CPU and OS support avx512f/bw/vnni (and avx2/f16c, for the
  * reused kernels).
@@ -27,6 +28,8 @@
 
 #include "arch/x86/kernels_x86.h"
 #include "kernels.h"
+#include "model_file.h"
+#include "ops.h"
 
 #define BN_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,f16c")))
 #define BN_INLINE static inline __attribute__((always_inline))
@@ -70,8 +73,10 @@ BN_AVX512VNNI BN_INLINE void i2v_tile(int R, int NT, const uint8_t *w, uint32_t 
         /* the low nibbles (planes 0, 1), then the high ones (planes 2, 3): fewer live registers */
         for (int half = 0; half < 2; half++) {
             __m512i nib[I2V_ROWS];
-            if (NT == 1 && half == 0) /* one token: rows are streamed one after another */
-                _mm_prefetch((const char *)(w + (size_t)s * I2V_STEP + I2V_PREFETCH), _MM_HINT_T0);
+            if (half == 0) /* each row stream a fixed distance ahead (small batches are memory-bound too) */
+                for (int r = 0; r < R; r++)
+                    _mm_prefetch((const char *)(w + (size_t)r * row_bytes + (size_t)s * I2V_STEP + I2V_PREFETCH),
+                                 _MM_HINT_T0);
             for (int r = 0; r < R; r++) {
                 const __m512i v = _mm512_maskz_loadu_epi8(mask, w + (size_t)r * row_bytes + (size_t)s * I2V_STEP);
                 nib[r] = _mm512_and_si512(half ? _mm512_srli_epi16(v, 4) : v, nibble);
@@ -123,7 +128,97 @@ BN_AVX512VNNI static void i2_matmul_avx512vnni(int32_t *y, size_t ldy, const int
     bn_i2_gemm(&i2v_tiling, y, ldy, x, ldx, n_tok, w, cols, r0, r1);
 }
 
-const bn_kernels bn_kernels_avx512vnni = BN_X86_KERNELS("avx512vnni", i2_matmul_avx512vnni);
+/* ---- dense (output head) ----
+ * As the AVX2 kernel (kernels_avx2.c), with one zmm vector holding the 16 lane sums of a row and
+ * token, and 32 registers: a call takes 4 rows x 4 tokens (16 chains), so each activation vector
+ * loaded serves 4 rows and each widened weight vector 4 tokens (a single token: 8 rows at once). */
+enum {
+    DENSE_ROWS = 4,       /* rows per call for several tokens; a block's rows stay in L1 for all tokens */
+    DENSE_ROWS_1 = 8,     /* rows per call for a single token */
+    DENSE_TOKENS = 4,     /* tokens per call, at most */
+    DENSE_PREFETCH = 512, /* bytes ahead in each row stream */
+};
+
+/* Columns i .. i+15 of a dense row w as floats. */
+BN_AVX512VNNI BN_INLINE __m512 dense_load16(int enc, const void *w, size_t i) {
+    if (enc == BN_ENC_F32) return _mm512_loadu_ps((const float *)w + i);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i));
+    if (enc == BN_ENC_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); /* BF16 */
+}
+
+BN_AVX512VNNI BN_INLINE float dense_at(int enc, const void *w, size_t i) {
+    if (enc == BN_ENC_F32) return ((const float *)w)[i];
+    if (enc == BN_ENC_F16) return bn_fp16_to_f32(((const uint16_t *)w)[i]);
+    return bn_bf16_to_f32(((const uint16_t *)w)[i]);
+}
+
+/* Rows r .. r+R-1 for tokens 0 .. NT-1 of x (rows ldx apart) into y (rows ldy apart). */
+BN_AVX512VNNI BN_INLINE void dense_rows(int enc, int R, int NT, float *y, size_t ldy, const float *x, size_t ldx,
+                                        const void *w, uint32_t cols, uint32_t r) {
+    __m512 acc[DENSE_ROWS_1][DENSE_TOKENS];
+    for (int i = 0; i < R; i++)
+        for (int t = 0; t < NT; t++) acc[i][t] = _mm512_setzero_ps();
+    const uint32_t cols16 = cols / BN_DENSE_LANES * BN_DENSE_LANES;
+    const size_t esize = enc == BN_ENC_F32 ? 4 : 2;
+    for (uint32_t j = 0; j < cols16; j += BN_DENSE_LANES) {
+        if ((j * esize) % 64 == 0) /* a line ahead in each row, once per line */
+            for (int i = 0; i < R; i++)
+                _mm_prefetch((const char *)w + ((size_t)(r + i) * cols + j) * esize + DENSE_PREFETCH, _MM_HINT_T0);
+        __m512 xv[DENSE_TOKENS];
+        for (int t = 0; t < NT; t++) xv[t] = _mm512_loadu_ps(x + t * ldx + j);
+        for (int i = 0; i < R; i++) {
+            const __m512 wv = dense_load16(enc, w, (size_t)(r + i) * cols + j);
+            for (int t = 0; t < NT; t++) acc[i][t] = _mm512_add_ps(acc[i][t], _mm512_mul_ps(xv[t], wv));
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int t = 0; t < NT; t++) {
+            float s[BN_DENSE_LANES];
+            _mm512_storeu_ps(s, acc[i][t]);
+            const float *xt = x + t * ldx;
+            for (uint32_t j = cols16; j < cols; j++) s[j % BN_DENSE_LANES] += xt[j] * dense_at(enc, w, (size_t)(r + i) * cols + j);
+            y[t * ldy + r + i] = bn_dense_fold(s);
+        }
+}
+
+/* Rows [r0, r1): a single token DENSE_ROWS_1 rows at a time; otherwise blocks of DENSE_ROWS rows, each
+ * block once for every group of up to DENSE_TOKENS tokens; the last rows one at a time. Constant
+ * counts in every call, so that the accumulators live in registers. */
+BN_AVX512VNNI BN_INLINE void dense_enc(int enc, float *y, size_t ldy, const float *x, size_t ldx, uint32_t n_tok,
+                                       const void *w, uint32_t cols, uint32_t r0, uint32_t r1) {
+    uint32_t r = r0;
+    if (n_tok == 1)
+        for (; r + DENSE_ROWS_1 <= r1; r += DENSE_ROWS_1) dense_rows(enc, DENSE_ROWS_1, 1, y, ldy, x, ldx, w, cols, r);
+    for (; r < r1;) {
+        const int R = r1 - r >= DENSE_ROWS ? DENSE_ROWS : 1;
+        for (uint32_t t0 = 0; t0 < n_tok; t0 += DENSE_TOKENS) {
+            float *yt = y + t0 * ldy;
+            const float *xt = x + t0 * ldx;
+            const uint32_t nt = n_tok - t0 < DENSE_TOKENS ? n_tok - t0 : DENSE_TOKENS;
+            if (R == DENSE_ROWS) {
+                if (nt == 1) dense_rows(enc, DENSE_ROWS, 1, yt, ldy, xt, ldx, w, cols, r);
+                else if (nt == 2) dense_rows(enc, DENSE_ROWS, 2, yt, ldy, xt, ldx, w, cols, r);
+                else if (nt == 3) dense_rows(enc, DENSE_ROWS, 3, yt, ldy, xt, ldx, w, cols, r);
+                else dense_rows(enc, DENSE_ROWS, 4, yt, ldy, xt, ldx, w, cols, r);
+            } else if (nt == 1) dense_rows(enc, 1, 1, yt, ldy, xt, ldx, w, cols, r);
+            else if (nt == 2) dense_rows(enc, 1, 2, yt, ldy, xt, ldx, w, cols, r);
+            else if (nt == 3) dense_rows(enc, 1, 3, yt, ldy, xt, ldx, w, cols, r);
+            else dense_rows(enc, 1, 4, yt, ldy, xt, ldx, w, cols, r);
+        }
+        r += R;
+    }
+}
+
+BN_AVX512VNNI static void dense_matmul_avx512(float *y, size_t ldy, const float *x, size_t ldx, uint32_t n_tok,
+                                              const void *w, uint32_t encoding, uint32_t cols, uint32_t r0, uint32_t r1) {
+    if (r0 >= r1 || n_tok == 0) return;
+    if (encoding == BN_ENC_F32) dense_enc(BN_ENC_F32, y, ldy, x, ldx, n_tok, w, cols, r0, r1);
+    else if (encoding == BN_ENC_F16) dense_enc(BN_ENC_F16, y, ldy, x, ldx, n_tok, w, cols, r0, r1);
+    else dense_enc(BN_ENC_BF16, y, ldy, x, ldx, n_tok, w, cols, r0, r1);
+}
+
+const bn_kernels bn_kernels_avx512vnni = BN_X86_KERNELS("avx512vnni", i2_matmul_avx512vnni, dense_matmul_avx512);
 
 #else
 typedef int bn_kernels_avx512vnni_unused; /* not x86-64: nothing to compile (ISO C forbids an empty file) */
