@@ -412,12 +412,22 @@ def ensure_ik_gguf(shape: syn.Shape | str, ik_type: str, head: str, quantize: st
 # --------------------------------------------------------------------------- llama.cpp runner
 
 
+def import_llama_cpp():
+    """llama-cpp-python, loaded in-process with OpenMP's passive wait policy: its threads then sleep
+    between evaluations instead of spinning on the cores that bitnet-run's threads run on next (the
+    runs are interleaved). Within an evaluation ggml synchronizes its threads with its own barrier,
+    so this costs it one thread wake-up per evaluation. Raises ImportError when it is not installed."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when libgomp loads
+    import llama_cpp
+
+    return llama_cpp
+
+
 class LlamaCppRunner:
     """One llama-cpp-python model at a thread count; pp/tg timers on token ids (Llama.eval)."""
 
     def __init__(self, path: str | os.PathLike, n_threads: int, n_ctx: int, n_batch: int):
-        import llama_cpp
-
+        llama_cpp = import_llama_cpp()
         self.llm = llama_cpp.Llama(
             model_path=str(path), n_threads=n_threads, n_threads_batch=n_threads, n_ctx=n_ctx,
             n_batch=max(n_batch, 1), n_ubatch=max(n_batch, 1), logits_all=False, verbose=False,

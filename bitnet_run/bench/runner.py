@@ -244,9 +244,9 @@ def model_facts(path: Path, label: str) -> ModelFacts:
 
 def _llamacpp_version() -> str | None:
     try:
-        import llama_cpp
+        from .peers import import_llama_cpp
 
-        return f"llama-cpp-python {llama_cpp.__version__}"
+        return f"llama-cpp-python {import_llama_cpp().__version__}"
     except Exception:
         return None
 
@@ -754,7 +754,9 @@ def check_peers(peers: str, peer_bins: dict[str, Path] | None = None) -> list[st
 
 def _check_llama_cpp_python() -> None:
     try:
-        import llama_cpp  # noqa: F401
+        from .peers import import_llama_cpp
+
+        import_llama_cpp()
     except ImportError:
         raise BenchError("llama-cpp-python is not installed: pip install 'bitnet-run[peers]'") from None
     except Exception as exc:  # installed, but its shared library does not load

@@ -133,11 +133,15 @@ BN_AVX512VNNI static void i2_matmul_avx512vnni(int32_t *y, size_t ldy, const int
  * token, and 32 registers: a call takes 4 rows x 4 tokens (16 chains), so each activation vector
  * loaded serves 4 rows and each widened weight vector 4 tokens (a single token: 8 rows at once). */
 enum {
-    DENSE_ROWS = 4,       /* rows per call for several tokens; a block's rows stay in L1 for all tokens */
-    DENSE_ROWS_1 = 8,     /* rows per call for a single token */
-    DENSE_TOKENS = 4,     /* tokens per call, at most */
-    DENSE_PREFETCH = 512, /* bytes ahead in each row stream */
+    DENSE_ROWS = 4,   /* rows per call for several tokens; a block's rows stay in L1 for all tokens */
+    DENSE_TOKENS = 4, /* tokens per call, at most */
 };
+#ifndef DENSE_ROWS_1
+#define DENSE_ROWS_1 8 /* rows per call for a single token */
+#endif
+#ifndef DENSE_PREFETCH_512
+#define DENSE_PREFETCH_512 512 /* bytes ahead in each row stream */
+#endif
 
 /* Columns i .. i+15 of a dense row w as floats. */
 BN_AVX512VNNI BN_INLINE __m512 dense_load16(int enc, const void *w, size_t i) {
@@ -164,7 +168,7 @@ BN_AVX512VNNI BN_INLINE void dense_rows(int enc, int R, int NT, float *y, size_t
     for (uint32_t j = 0; j < cols16; j += BN_DENSE_LANES) {
         if ((j * esize) % 64 == 0) /* a line ahead in each row, once per line */
             for (int i = 0; i < R; i++)
-                _mm_prefetch((const char *)w + ((size_t)(r + i) * cols + j) * esize + DENSE_PREFETCH, _MM_HINT_T0);
+                _mm_prefetch((const char *)w + ((size_t)(r + i) * cols + j) * esize + DENSE_PREFETCH_512, _MM_HINT_T0);
         __m512 xv[DENSE_TOKENS];
         for (int t = 0; t < NT; t++) xv[t] = _mm512_loadu_ps(x + t * ldx + j);
         for (int i = 0; i < R; i++) {
