@@ -550,7 +550,7 @@ def bench(
             from .bench import peers as pr
 
             for peer in peer_list:
-                pr.check_shape(shape, {"llamacpp": pr.LINEAR_TYPES, "bitnetcpp": (pr.I2S,), "ikllama": pr.IK_TYPES}[peer],
+                pr.check_shape(shape, {"llamacpp": pr.LINEAR_TYPES, "bitnetcpp": (pr.I2S,), "ikllama": (pr.I2S,) + pr.IK_TYPES}[peer],
                                f"--peers {peer}")
         names = [m.strip() for item in (model or []) for m in item.split(",") if m.strip()]
         # a file is labelled by its stem, a stored model by its name

@@ -17,6 +17,8 @@ from bitnet_run.bench import synthetic as syn  # noqa: E402
 
 # The tiny shape whose rows are whole 256-weight TQ blocks (tiny's 688-wide FFN rows are not).
 TINY_TQ = syn.SHAPES["tiny-tq"]
+# tiny-tq widened to the shortest rows ik_llama.cpp's IQ2_BN multiplies (peers.ROW_MIN)
+TINY_IK = syn.make_shape("tiny-ik", 1024, 512, 768, 2, 4, 2, True, 512, 500000.0, "tiny-tq with 512-wide rows")
 
 
 @pytest.mark.parametrize("linear_type", peers.LINEAR_TYPES)
@@ -257,6 +259,11 @@ def test_peer_gguf_facts_and_shape_checks():
     assert 2.0 < bn["linear_bpw"] < 2.0 + 32 / 2560 and "relu2" in bn["model_type"]
     peers.check_shape("2b-4t", (peers.I2S,) + peers.IK_TYPES)
     peers.check_shape("3b", peers.IK_TYPES)  # 3200- and 8640-wide rows: whole 64-weight IQ2_BN blocks
+    peers.check_shape(TINY_TQ, ("IQ2_BN_R4",))
+    peers.check_shape(TINY_IK, (peers.I2S,) + peers.IK_TYPES)
+    with pytest.raises(ValueError, match="--peers ikllama: shape tiny-tq has blk.0.attn_q.weight rows of 256 weights; "
+                                         "IQ2_BN needs rows of at least 512"):
+        peers.check_shape(TINY_TQ, peers.IK_TYPES, "--peers ikllama")
     with pytest.raises(ValueError, match="--peers bitnetcpp: shape 3b has blk.0.ffn_down.weight rows of 8640 weights, "
                                          "not a multiple of the 128 of I2_S blocks"):
         peers.check_shape("3b", (peers.I2S,), "--peers bitnetcpp")
@@ -266,7 +273,8 @@ def test_peer_gguf_facts_and_shape_checks():
 
 # One line of `llama-bench -o jsonl`, recorded from bitnet.cpp's (built from a source tree, so
 # build_commit "unknown") on the tiny-tq I2_S GGUF, pp8 at 1 thread, on the development machine; the
-# fake binaries below print it with the n_prompt, n_gen and n_threads they are asked for.
+# fake binaries below print it, as a `-o json` array, with the n_prompt, n_gen and n_threads they
+# are asked for.
 RECORDED_JSONL = (
     '{"build_commit": "unknown", "build_number": 0, "cuda": false, "vulkan": false, "kompute": false,'
     ' "metal": false, "sycl": false, "rpc": "0", "gpu_blas": false, "blas": false, "cpu_info": "AMD E'
@@ -282,8 +290,9 @@ RECORDED_JSONL = (
 
 
 def _fake_llama_bench(tmp_path, line: str, exit_status: int = 0, name: str = "llama-bench"):
-    """An executable that logs its argv to <name>.argv and prints `line` with n_prompt, n_gen and
-    n_threads taken from its -p / -n / -t arguments (as llama-bench does)."""
+    """An executable that logs its argv to <name>.argv and prints, after a log line, `line` with
+    n_prompt, n_gen and n_threads taken from its -p / -n / -t arguments as a `-o json` array (as
+    llama-bench does); any other -o is refused, as ik_llama.cpp's llama-bench refuses jsonl."""
     fake = tmp_path / name
     fake.write_text(f"""#!{sys.executable}
 import json, sys
@@ -296,8 +305,11 @@ if {exit_status}:
 rec = json.loads({line!r})
 rec["n_prompt"], rec["n_gen"] = int(args[args.index("-p") + 1]), int(args[args.index("-n") + 1])
 rec["n_threads"] = int(args[args.index("-t") + 1])
+if args[args.index("-o") + 1] != "json":
+    print("error: invalid parameter for argument: -o", file=sys.stderr)
+    sys.exit(1)
 print("main: some log line")
-print(json.dumps(rec))
+print(json.dumps([rec], indent=2))
 """)
     fake.chmod(0o755)
     return fake
@@ -311,7 +323,8 @@ def test_parse_llama_bench_output():
     assert got["tokens_per_second"] == pytest.approx(rec["avg_ts"], rel=1e-3)  # llama-bench's own t/s
     assert got["tokens_per_second"] == pytest.approx(n * 1e9 / rec["avg_ns"])
     assert got["version"] == f"build {rec['build_commit']} ({rec['build_number']})"
-    assert peers.parse_llama_bench_output(json.dumps([rec]), rec["n_prompt"], rec["n_gen"]) == got  # -o json
+    for array in (json.dumps([rec]), "log line\n" + json.dumps([rec, {**rec, "n_prompt": 99}], indent=2)):  # -o json
+        assert peers.parse_llama_bench_output(array, rec["n_prompt"], rec["n_gen"]) == got
     with pytest.raises(ValueError, match="no result for p=7 n=0"):
         peers.parse_llama_bench_output(RECORDED_JSONL, 7, 0)
     with pytest.raises(ValueError, match="not JSON"):
@@ -330,11 +343,29 @@ def test_llama_bench_runner_with_a_fake_binary(tmp_path):
     assert runner.time_tg(np.zeros(5, dtype=np.int32)) == rec["avg_ns"] / 1e9
     assert runner.version == f"llama-bench build {rec['build_commit']} ({rec['build_number']}) at {fake}"
     argv = [json.loads(line) for line in (tmp_path / "llama-bench.argv").read_text().splitlines()]
-    assert argv == [["-m", str(path), "-p", "16", "-n", "0", "-t", "2", "-r", "1", "-o", "jsonl"],
-                    ["-m", str(path), "-p", "0", "-n", "5", "-t", "2", "-r", "1", "-o", "jsonl"]]
+    assert argv == [["-m", str(path), "-p", "16", "-n", "0", "-t", "2", "-r", "1", "-o", "json"],
+                    ["-m", str(path), "-p", "0", "-n", "5", "-t", "2", "-r", "1", "-o", "json"]]
     broken = peers.LlamaBenchRunner(_fake_llama_bench(tmp_path, RECORDED_JSONL, 1, "broken"), path, 1)
     with pytest.raises(RuntimeError, match="failed \\(exit status 1\\): llama-bench: error: failed to load model"):
         broken.time_pp([1, 2])
+
+
+def test_failure_line_names_the_failure():
+    import subprocess
+
+    def failed(stdout: str, stderr: str) -> subprocess.CompletedProcess:
+        return subprocess.CompletedProcess(["peer"], -6, stdout, stderr)
+
+    # an abort: the assertion, then a debugger's stack dump whose last line says nothing
+    dump = ("iqk_quantize.cpp:588: GGML_ASSERT(k >= 8*QK_IQ1BN) failed\n"
+            "#1  0x00007f in ggml_abort () from libggml.so\n"
+            "#2  0x00007f in ggml_compute_forward_mul_mat () from libggml.so\n"
+            "30\t../sysdeps/unix/sysv/linux/wait4.c: No such file or directory.\n")
+    assert peers.failure_line(failed("", dump)) == "iqk_quantize.cpp:588: GGML_ASSERT(k >= 8*QK_IQ1BN) failed"
+    assert peers.failure_line(failed("usage: ...\n", "error: invalid parameter for argument: -o\n")) == \
+        "error: invalid parameter for argument: -o"
+    assert peers.failure_line(failed("only stdout\n", "")) == "only stdout"
+    assert peers.failure_line(failed("", "")) == "no output"
 
 
 def test_peer_bin_arguments(tmp_path):
@@ -403,7 +434,8 @@ PEER_BIN_ENV = {"bitnetcpp": "BITNET_RUN_PEER_BIN_BITNETCPP", "ikllama": "BITNET
 def test_real_peer_loads_its_gguf(tmp_path, peer):
     """Only where a peer's llama-bench is given in $BITNET_RUN_PEER_BIN_BITNETCPP /
     $BITNET_RUN_PEER_BIN_IKLLAMA (skipped otherwise: CI builds no peer): that binary loads the GGUF
-    written for it (ik_llama.cpp: made by its own llama-quantize) and reports a positive t/s."""
+    written for it (ik_llama.cpp: made by its own llama-quantize, on 512-wide rows) and reports a
+    positive t/s."""
     import os
     from pathlib import Path
 
@@ -414,7 +446,7 @@ def test_real_peer_loads_its_gguf(tmp_path, peer):
         paths = [peers.ensure_gguf(TINY_TQ, peers.I2S, "f16", tmp_path)]
     else:
         quantize = Path(binary).parent / "llama-quantize"
-        paths = [peers.ensure_ik_gguf(TINY_TQ, t, "q8_0", quantize, tmp_path) for t in peers.IK_TYPES]
+        paths = [peers.ensure_ik_gguf(TINY_IK, t, "q8_0", quantize, tmp_path) for t in peers.IK_TYPES]
         for path, t in zip(paths, peers.IK_TYPES):
             types = {i.name: i.ggml_type for i in peers.read_gguf_header(path).tensors}
             assert types["blk.0.ffn_down.weight"] == peers.GGML_TYPES[t] and types["token_embd.weight"] == 8

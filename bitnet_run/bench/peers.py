@@ -50,6 +50,9 @@ ARCHITECTURES = ("bitnet", "llama", "bitnet-b1.58")
 GGML_TYPES = {I2S: 36, "IQ2_BN": 135, "IQ2_BN_R4": 335}
 # Weights per block of each ternary type: a matrix row must be whole blocks.
 ROW_BLOCK = {"TQ2_0": 256, "TQ1_0": 256, I2S: 128, "IQ2_BN": 64, "IQ2_BN_R4": 64}
+# Shortest row a peer can multiply: ik_llama.cpp quantizes the activations of an IQ2_BN matmul in
+# groups of 8 blocks and aborts on shorter rows (its IQ2_BN_R4 path has no such limit).
+ROW_MIN = {"IQ2_BN": 512}
 
 I2S_BLOCK = 128  # weights per I2_S block (32 bytes; bitnet.cpp's x86 layout)
 I2S_TAIL = 32  # bytes after an I2_S tensor's codes: its f32 scale, then zeros
@@ -382,6 +385,18 @@ def ensure_gguf(shape: syn.Shape | str, linear_type: str = "TQ2_0", head: str = 
                                                        architecture=architecture))
 
 
+_FAILURE_WORDS = ("error", "failed")  # ggml's failed assertions: "GGML_ASSERT(...) failed"
+
+
+def failure_line(proc: subprocess.CompletedProcess) -> str:
+    """The line of a failed peer process that says why: its last stderr (else stdout) line naming an
+    error or a failure, else its last line (ggml follows a failed assertion with a debugger's stack
+    dump, whose last line says nothing)."""
+    lines = [line.strip() for line in (proc.stderr or proc.stdout or "").strip().splitlines() if line.strip()]
+    named = [line for line in lines if any(w in line.lower() for w in _FAILURE_WORDS)]
+    return (named or lines or ["no output"])[-1]
+
+
 def ensure_ik_gguf(shape: syn.Shape | str, ik_type: str, head: str, quantize: str | os.PathLike,
                    cache_dir: str | os.PathLike | None = None, seed: int = 0,
                    progress: Callable[[int, int, str], None] | None = None) -> Path:
@@ -402,8 +417,7 @@ def ensure_ik_gguf(shape: syn.Shape | str, ik_type: str, head: str, quantize: st
                    "--override-kv", f"bitnet_run.linear_type=str:{ik_type}", str(source), str(tmp), ik_type]
         proc = subprocess.run(command, capture_output=True, text=True)
         if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or ["no output"])[-1]
-            raise RuntimeError(f"{quantize} {ik_type} failed (exit status {proc.returncode}): {last}")
+            raise RuntimeError(f"{quantize} {ik_type} failed (exit status {proc.returncode}): {failure_line(proc)}")
 
     directory = Path(cache_dir) if cache_dir is not None else syn.default_cache_dir()
     return syn.write_atomically(directory / gguf_file_name(s, ik_type, head, architecture), run_quantize)
@@ -506,13 +520,18 @@ def gguf_facts(shape: syn.Shape | str, linear_type: str, head: str, architecture
 
 def check_shape(shape: syn.Shape | str, linear_types: Sequence[str] = LINEAR_TYPES, what: str = "--peers llamacpp") -> None:
     """Raises ValueError (one line) when the shape's matrix rows are not whole blocks of each of
-    `linear_types` (TQ2_0/TQ1_0: 256 weights, I2_S: 128, IQ2_BN: 64)."""
+    `linear_types` (TQ2_0/TQ1_0: 256 weights, I2_S: 128, IQ2_BN: 64) or shorter than ROW_MIN."""
     s = syn.get_shape(shape) if isinstance(shape, str) else shape
     for qtype in linear_types:
-        for name, _kind, dims, _ in gguf_plan(s, qtype):
-            if _kind == syn.LINEAR and dims[1] % ROW_BLOCK[qtype]:
+        for name, kind, dims, _ in gguf_plan(s, qtype):
+            if kind != syn.LINEAR:
+                continue
+            if dims[1] % ROW_BLOCK[qtype]:
                 raise ValueError(f"{what}: shape {s.name} has {name} rows of {dims[1]} weights, "
                                  f"not a multiple of the {ROW_BLOCK[qtype]} of {qtype} blocks")
+            if dims[1] < ROW_MIN.get(qtype, 0):
+                raise ValueError(f"{what}: shape {s.name} has {name} rows of {dims[1]} weights; "
+                                 f"{qtype} needs rows of at least {ROW_MIN[qtype]}")
 
 
 # --------------------------------------------------------------------------- a peer's own llama-bench
@@ -521,25 +540,28 @@ def check_shape(shape: syn.Shape | str, linear_types: Sequence[str] = LINEAR_TYP
 def llama_bench_command(binary: str | os.PathLike, path: str | os.PathLike, n_prompt: int, n_gen: int,
                         n_threads: int) -> list[str]:
     """One llama-bench run of one test (ppN: -p N -n 0; tgN: -p 0 -n N), one timed repetition after
-    llama-bench's own warm-up, JSON lines on stdout. Everything else is the peer's default (batch
-    sizes, flash attention, mmap), as its users would run it."""
+    llama-bench's own warm-up, a JSON array on stdout (`-o json`: ik_llama.cpp's llama-bench has no
+    `jsonl`). Everything else is the peer's default (batch sizes, flash attention, mmap), as its
+    users would run it."""
     return [str(binary), "-m", str(path), "-p", str(n_prompt), "-n", str(n_gen), "-t", str(n_threads),
-            "-r", "1", "-o", "jsonl"]
+            "-r", "1", "-o", "json"]
 
 
 def parse_llama_bench_output(text: str, n_prompt: int, n_gen: int) -> dict:
-    """The result of the test (n_prompt, n_gen) in llama-bench's `-o jsonl` (or `-o json`) output:
-    {"seconds": mean seconds of a timed run, "tokens_per_second", "version": "build <commit> (<number>)"}.
-    Raises ValueError (one line) when the output holds no such test."""
+    """The result of the test (n_prompt, n_gen) in llama-bench's `-o json` (or `-o jsonl`) output,
+    whatever lines come before it: {"seconds": mean seconds of a timed run, "tokens_per_second",
+    "version": "build <commit> (<number>)"}. Raises ValueError (one line) when the output holds no
+    such test."""
     entries = []
-    stripped = text.strip()
-    if stripped.startswith("["):  # -o json: one array
+    lines = text.strip().splitlines()
+    array_start = next((i for i, line in enumerate(lines) if line.lstrip().startswith("[")), None)
+    if array_start is not None:  # -o json: one array, from its first line to the end
         try:
-            entries = json.loads(stripped)
+            entries = json.loads("\n".join(lines[array_start:]))
         except json.JSONDecodeError as exc:
             raise ValueError(f"llama-bench output is not JSON: {exc}") from None
     else:
-        for line in stripped.splitlines():
+        for line in lines:
             line = line.strip()
             if line.startswith("{"):
                 try:
@@ -575,8 +597,8 @@ class LlamaBenchRunner:
         command = llama_bench_command(self.binary, self.path, n_prompt, n_gen, self.n_threads)
         proc = subprocess.run(command, capture_output=True, text=True)
         if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise RuntimeError(f"{self.binary} on {self.path.name} failed (exit status {proc.returncode}): {last}")
+            raise RuntimeError(f"{self.binary} on {self.path.name} failed (exit status {proc.returncode}): "
+                               f"{failure_line(proc)}")
         try:
             result = parse_llama_bench_output(proc.stdout, n_prompt, n_gen)
         except ValueError as exc:
