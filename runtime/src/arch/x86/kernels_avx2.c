@@ -64,6 +64,10 @@ enum {
     I2_ROW_BLOCK = 16,   /* rows kept hot in cache while all token groups pass over them */
     I2_TOKEN_CHUNK = 64, /* tokens deinterleaved per pass (bounds the scratch memory) */
 };
+#ifndef I2_MULTI_MIN
+#define I2_MULTI_MIN 5 /* fewer tokens go row by row through the 1-row tiles: memory-bound, they read one
+                        * sequential stream ~1.3-1.5x faster than the 4-row tiles (2-4 tokens, A/B here) */
+#endif
 #ifndef I2_PREFETCH
 #define I2_PREFETCH 2048 /* bytes ahead in the weight stream (rows are contiguous) */
 #endif
@@ -269,7 +273,7 @@ void bn_i2_gemm(const bn_i2_tiling *tiling, int32_t *y, size_t ldy, const int8_t
         for (uint32_t t = 0; t < nt; t++)
             sums[t] = bn_i2_planes_avx2(planes + t * tstride, x + (t0 + t) * ldx, cols, tiling->interleave);
         for (uint32_t r = r0; r < r1;) {
-            const uint32_t R = r1 - r >= tiling->rows && nt > 1 ? tiling->rows : 1; /* one token: row by row */
+            const uint32_t R = r1 - r >= tiling->rows && nt >= I2_MULTI_MIN ? tiling->rows : 1;
             const bn_i2_tile_fn *fn = R == tiling->rows ? tiling->multi : tiling->single;
             for (uint32_t tb = 0; tb < nt; tb += 4) {
                 const uint32_t k = nt - tb < 4 ? nt - tb : 4;

@@ -18,10 +18,10 @@
  * tokens and each token plane by I2V_ROWS rows: 16 independent int32 accumulators, reduced four
  * at a time at the end of a row. Zero padding of the activations makes whatever codes sit past
  * `cols` harmless; a row's last partial 64 bytes are read with a masked load.
- * A single token (decoding, memory-bound) takes the rows one at a time, so that the weights are one
- * sequential stream with a software prefetch ahead, and gives each plane its own accumulator, so
- * that four vpdpbusd chains run side by side (measured ~10% faster whole-model decoding than the
- * AVX2 kernel, docs/benchmarks.md). */
+ * Up to 4 tokens (decoding, small batches: memory-bound) take the rows one at a time, so that the
+ * weights are one sequential stream with a software prefetch ahead (4-row tiles read it at about
+ * half the speed there), and a single token gives each plane its own accumulator, so that four
+ * vpdpbusd chains run side by side. */
 #if defined(__x86_64__)
 
 #include <immintrin.h>
@@ -133,14 +133,14 @@ BN_AVX512VNNI static void i2_matmul_avx512vnni(int32_t *y, size_t ldy, const int
  * token, and 32 registers: a call takes 4 rows x 4 tokens (16 chains), so each activation vector
  * loaded serves 4 rows and each widened weight vector 4 tokens (a single token: 8 rows at once). */
 enum {
-    DENSE_ROWS = 4,   /* rows per call for several tokens; a block's rows stay in L1 for all tokens */
-    DENSE_TOKENS = 4, /* tokens per call, at most */
+    D512_ROWS = 4,   /* rows per call for several tokens; a block's rows stay in L1 for all tokens */
+    D512_TOKENS = 4, /* tokens per call, at most */
 };
-#ifndef DENSE_ROWS_1
-#define DENSE_ROWS_1 8 /* rows per call for a single token */
+#ifndef D512_ROWS_1
+#define D512_ROWS_1 8 /* rows per call for a single token */
 #endif
-#ifndef DENSE_PREFETCH_512
-#define DENSE_PREFETCH_512 512 /* bytes ahead in each row stream */
+#ifndef D512_PREFETCH
+#define D512_PREFETCH 512 /* bytes ahead in each row stream */
 #endif
 
 /* Columns i .. i+15 of a dense row w as floats. */
@@ -160,7 +160,7 @@ BN_AVX512VNNI BN_INLINE float dense_at(int enc, const void *w, size_t i) {
 /* Rows r .. r+R-1 for tokens 0 .. NT-1 of x (rows ldx apart) into y (rows ldy apart). */
 BN_AVX512VNNI BN_INLINE void dense_rows(int enc, int R, int NT, float *y, size_t ldy, const float *x, size_t ldx,
                                         const void *w, uint32_t cols, uint32_t r) {
-    __m512 acc[DENSE_ROWS_1][DENSE_TOKENS];
+    __m512 acc[D512_ROWS_1][D512_TOKENS];
     for (int i = 0; i < R; i++)
         for (int t = 0; t < NT; t++) acc[i][t] = _mm512_setzero_ps();
     const uint32_t cols16 = cols / BN_DENSE_LANES * BN_DENSE_LANES;
@@ -168,8 +168,8 @@ BN_AVX512VNNI BN_INLINE void dense_rows(int enc, int R, int NT, float *y, size_t
     for (uint32_t j = 0; j < cols16; j += BN_DENSE_LANES) {
         if ((j * esize) % 64 == 0) /* a line ahead in each row, once per line */
             for (int i = 0; i < R; i++)
-                _mm_prefetch((const char *)w + ((size_t)(r + i) * cols + j) * esize + DENSE_PREFETCH_512, _MM_HINT_T0);
-        __m512 xv[DENSE_TOKENS];
+                _mm_prefetch((const char *)w + ((size_t)(r + i) * cols + j) * esize + D512_PREFETCH, _MM_HINT_T0);
+        __m512 xv[D512_TOKENS];
         for (int t = 0; t < NT; t++) xv[t] = _mm512_loadu_ps(x + t * ldx + j);
         for (int i = 0; i < R; i++) {
             const __m512 wv = dense_load16(enc, w, (size_t)(r + i) * cols + j);
@@ -186,25 +186,25 @@ BN_AVX512VNNI BN_INLINE void dense_rows(int enc, int R, int NT, float *y, size_t
         }
 }
 
-/* Rows [r0, r1): a single token DENSE_ROWS_1 rows at a time; otherwise blocks of DENSE_ROWS rows, each
- * block once for every group of up to DENSE_TOKENS tokens; the last rows one at a time. Constant
+/* Rows [r0, r1): a single token D512_ROWS_1 rows at a time; otherwise blocks of D512_ROWS rows, each
+ * block once for every group of up to D512_TOKENS tokens; the last rows one at a time. Constant
  * counts in every call, so that the accumulators live in registers. */
 BN_AVX512VNNI BN_INLINE void dense_enc(int enc, float *y, size_t ldy, const float *x, size_t ldx, uint32_t n_tok,
                                        const void *w, uint32_t cols, uint32_t r0, uint32_t r1) {
     uint32_t r = r0;
     if (n_tok == 1)
-        for (; r + DENSE_ROWS_1 <= r1; r += DENSE_ROWS_1) dense_rows(enc, DENSE_ROWS_1, 1, y, ldy, x, ldx, w, cols, r);
+        for (; r + D512_ROWS_1 <= r1; r += D512_ROWS_1) dense_rows(enc, D512_ROWS_1, 1, y, ldy, x, ldx, w, cols, r);
     for (; r < r1;) {
-        const int R = r1 - r >= DENSE_ROWS ? DENSE_ROWS : 1;
-        for (uint32_t t0 = 0; t0 < n_tok; t0 += DENSE_TOKENS) {
+        const int R = r1 - r >= D512_ROWS ? D512_ROWS : 1;
+        for (uint32_t t0 = 0; t0 < n_tok; t0 += D512_TOKENS) {
             float *yt = y + t0 * ldy;
             const float *xt = x + t0 * ldx;
-            const uint32_t nt = n_tok - t0 < DENSE_TOKENS ? n_tok - t0 : DENSE_TOKENS;
-            if (R == DENSE_ROWS) {
-                if (nt == 1) dense_rows(enc, DENSE_ROWS, 1, yt, ldy, xt, ldx, w, cols, r);
-                else if (nt == 2) dense_rows(enc, DENSE_ROWS, 2, yt, ldy, xt, ldx, w, cols, r);
-                else if (nt == 3) dense_rows(enc, DENSE_ROWS, 3, yt, ldy, xt, ldx, w, cols, r);
-                else dense_rows(enc, DENSE_ROWS, 4, yt, ldy, xt, ldx, w, cols, r);
+            const uint32_t nt = n_tok - t0 < D512_TOKENS ? n_tok - t0 : D512_TOKENS;
+            if (R == D512_ROWS) {
+                if (nt == 1) dense_rows(enc, D512_ROWS, 1, yt, ldy, xt, ldx, w, cols, r);
+                else if (nt == 2) dense_rows(enc, D512_ROWS, 2, yt, ldy, xt, ldx, w, cols, r);
+                else if (nt == 3) dense_rows(enc, D512_ROWS, 3, yt, ldy, xt, ldx, w, cols, r);
+                else dense_rows(enc, D512_ROWS, 4, yt, ldy, xt, ldx, w, cols, r);
             } else if (nt == 1) dense_rows(enc, 1, 1, yt, ldy, xt, ldx, w, cols, r);
             else if (nt == 2) dense_rows(enc, 1, 2, yt, ldy, xt, ldx, w, cols, r);
             else if (nt == 3) dense_rows(enc, 1, 3, yt, ldy, xt, ldx, w, cols, r);
