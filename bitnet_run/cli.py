@@ -705,7 +705,8 @@ def bench_serve(
                 log(f"starting llama.cpp's server on {gguf} ({n_threads} threads)")
                 peer = bs.launch_llamacpp(gguf, n_threads, ctx_size, Path(logs))
                 launched.append(peer)
-                targets.append(bs.Target("llama.cpp TQ2_0", peer.wait_ready(health="/v1/models").url))
+                targets.append(bs.Target("llama.cpp TQ2_0", peer.wait_ready(health="/v1/models").url,
+                                         text_prompts=True))
             rows = bs.run(targets, streams, duration, bs.prompt_tokens(n_prompt), n_gen, warmup=warmup, log=log)
         except (bs.BenchServeError, OSError) as exc:
             _fail(str(exc))

@@ -44,3 +44,48 @@ def test_bench_serve_reports_errors_instead_of_failing(server):
 def test_bench_serve_needs_a_target():
     result = CliRunner().invoke(app, ["bench-serve"])
     assert result.exit_code == 1 and "--url" in result.stderr
+
+
+class _FakeTokenizeEndpoint:
+    """llama-cpp-python's POST /extras/tokenize for a vocabulary where `prefix` tokens (BOS, the
+    SentencePiece space prefix) come before `per_char` tokens per character."""
+
+    def __init__(self, prefix: int, per_char: int = 1):
+        self.prefix, self.per_char, self.calls = prefix, per_char, 0
+
+    def __call__(self, url, json, timeout):
+        import httpx
+
+        assert url.endswith("/extras/tokenize")
+        self.calls += 1
+        n = self.prefix + self.per_char * len(json["input"])
+        return httpx.Response(200, json={"tokens": list(range(n))})
+
+
+@pytest.mark.parametrize("prefix", [1, 4])
+@pytest.mark.parametrize("n_tokens", [5, 8, 32])
+def test_text_prompt_has_exactly_the_token_count(monkeypatch, prefix, n_tokens):
+    from bitnet_run.bench import serve as bs
+
+    fake = _FakeTokenizeEndpoint(prefix)
+    monkeypatch.setattr("httpx.post", fake)
+    target = bs.Target("peer", "http://127.0.0.1:1", text_prompts=True)
+    body = bs.target_body(target, bs.prompt_tokens(n_tokens), 16)
+    assert len(body["prompt"]) + prefix == n_tokens and body["min_tokens"] == body["max_tokens"] == 16
+    assert fake.calls <= 3
+
+
+def test_text_prompt_that_cannot_be_matched_is_one_error(monkeypatch):
+    from bitnet_run.bench import serve as bs
+
+    monkeypatch.setattr("httpx.post", _FakeTokenizeEndpoint(prefix=1, per_char=2))  # even counts unreachable
+    with pytest.raises(bs.BenchServeError, match="exactly 8 tokens"):
+        bs.text_prompt_of_length(bs.Target("peer", "http://127.0.0.1:1"), 8)
+
+
+def test_token_id_targets_get_the_ids(monkeypatch):
+    from bitnet_run.bench import serve as bs
+
+    ids = bs.prompt_tokens(6)
+    body = bs.target_body(bs.Target("ours", "http://127.0.0.1:1"), ids, 4)
+    assert body["prompt"] == ids and "min_tokens" not in body

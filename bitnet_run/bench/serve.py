@@ -1,7 +1,8 @@
 """`bitnet-run bench-serve`: a load test of OpenAI-compatible servers.
 
 N clients each send streaming /v1/completions requests back to back for a fixed time; every request
-has the same prompt (token ids) and max_tokens, greedy. Reported per server and concurrency:
+has the same prompt (token ids; for llama-cpp-python's server, which takes text only, a text of as
+many tokens) and max_tokens, greedy. Reported per server and concurrency:
 requests/s, aggregate output tokens/s (all tokens of the requests that started in the window over
 the time until the last of them ended), time to first token and inter-token latency p50/p99, and
 errors. Servers are measured interleaved (concurrency by concurrency), so a machine whose load
@@ -36,6 +37,8 @@ class Target:
     label: str
     url: str  # base URL, without /v1
     api_key: str | None = None
+    # llama-cpp-python's server: takes text prompts only (no token ids), and has /extras/tokenize
+    text_prompts: bool = False
 
 
 @dataclass
@@ -133,10 +136,14 @@ def llamacpp_python() -> str:
 
 
 def launch_llamacpp(gguf: Path, threads: int, n_ctx: int, log_dir: Path) -> Launched:
+    """llama-cpp-python's server. It evaluates one request at a time, and by default a new request
+    interrupts the stream in progress (whose client then gets a cut-off completion):
+    --interrupt_requests False makes concurrent requests wait their turn instead, so that every
+    request is served whole, as with bitnet-run's server."""
     port = free_port()
     cmd = [llamacpp_python(), "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
            "--port", str(port), "--n_threads", str(threads), "--n_threads_batch", str(threads),
-           "--n_ctx", str(n_ctx)]
+           "--n_ctx", str(n_ctx), "--interrupt_requests", "False"]
     return Launched(cmd, port, log_dir / f"llama-cpp-server-{port}.log")
 
 
@@ -213,18 +220,53 @@ def request_body(prompt_ids: list[int], max_tokens: int) -> dict:
             "stream_options": {"include_usage": True}}
 
 
+MAX_TOKENIZE_PROBES = 64
+
+
+def text_prompt_of_length(target: Target, n_tokens: int) -> str:
+    """A text that the target's /extras/tokenize (llama-cpp-python's server) turns into exactly n_tokens
+    tokens, its BOS included: "a" repeated, one byte token per "a" in the benchmark's dummy GGUF
+    vocabulary, the count found by probing (at most MAX_TOKENIZE_PROBES requests)."""
+    def count(k: int) -> int:
+        r = httpx.post(f"{target.url}/extras/tokenize", json={"input": "a" * k}, timeout=60)
+        if r.status_code != 200:
+            raise BenchServeError(f"{target.label} ({target.url}): POST /extras/tokenize gave HTTP {r.status_code}")
+        return len(r.json()["tokens"])
+
+    k = n_tokens
+    for _ in range(MAX_TOKENIZE_PROBES):
+        got = count(k)
+        if got == n_tokens:
+            return "a" * k
+        if k == 0 and got > n_tokens:
+            break
+        k = max(k - (got - n_tokens), 0) if got > n_tokens else k + (n_tokens - got)
+    raise BenchServeError(f"{target.label}: no text prompt of exactly {n_tokens} tokens found "
+                          f"(\"a\" * {k} gives {got})")
+
+
+def target_body(target: Target, prompt_ids: list[int], max_tokens: int) -> dict:
+    """The request every client of this target sends: the prompt token ids, or for a server that takes
+    only text, a text of as many tokens with `min_tokens` = max_tokens (no early end-of-text: every
+    server generates the same number of tokens)."""
+    body = request_body(prompt_ids, max_tokens)
+    if target.text_prompts:
+        body.update(prompt=text_prompt_of_length(target, len(prompt_ids)), min_tokens=max_tokens)
+    return body
+
+
 def run(targets: list[Target], concurrency: list[int], seconds: float, prompt_ids: list[int], max_tokens: int,
         warmup: bool = True, log: Callable[[str], None] = lambda _: None) -> list[Row]:
     """Every target at every concurrency, interleaved; one untimed request per target first."""
-    body = request_body(prompt_ids, max_tokens)
+    bodies = [target_body(target, prompt_ids, max_tokens) for target in targets]
     if warmup:
-        for target in targets:
+        for target, body in zip(targets, bodies):
             record = asyncio.run(_warmup(target, body))
             if record.error:
                 raise BenchServeError(f"{target.label} ({target.url}): the warm-up request failed: {record.error}")
     rows = []
     for c in concurrency:
-        for target in targets:
+        for target, body in zip(targets, bodies):
             log(f"{target.label}: {c} concurrent stream(s) for {seconds:g} s")
             records, wall = asyncio.run(_load(target, c, seconds, body))
             rows.append(summarize(target.label, c, records, wall))
