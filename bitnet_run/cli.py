@@ -167,13 +167,14 @@ def _convert(src: str, output: Path, weights: str = "i2", head: Optional[str] = 
 def _check_encodings(weights: str, head: Optional[str]) -> None:
     if weights not in ("i2", "tl1", "tl2"):
         _fail(f"--weights must be i2, tl1 or tl2, not {weights!r}")
-    if head is not None and head not in ("bf16", "f16", "f32", "q8"):
-        _fail(f"--head must be bf16, f16, f32 or q8, not {head!r}")
+    if head is not None and head not in ("bf16", "f16", "f32", "q8", "q6", "q4"):
+        _fail(f"--head must be bf16, f16, f32, q8, q6 or q4, not {head!r}")
 
 
 WeightsOpt = typer.Option("i2", "--weights", help="Ternary weight encoding: i2, tl1 or tl2.")
-HeadOpt = typer.Option(None, "--head", help="Output head encoding: bf16, f16, f32 or q8 (8-bit rows, about half "
-                       "the bytes of bf16). Default: the checkpoint's dtype.")
+HeadOpt = typer.Option(None, "--head", help="Output head encoding: bf16, f16, f32, q8 (8-bit rows, about half "
+                       "the bytes of bf16), q6 or q4 (6- or 4-bit blocks of 32 with their own scales). Default: "
+                       "the checkpoint's dtype.")
 
 
 # ---- commands -------------------------------------------------------------------------------------
@@ -502,8 +503,8 @@ def bench(
         None, "--peer-bin", help="NAME=PATH: a peer's own llama-bench binary (repeatable); needed by bitnetcpp and "
         "ikllama (ikllama also uses the llama-quantize next to it); llamacpp=PATH runs llama.cpp's instead of "
         "llama-cpp-python."),
-    head: str = typer.Option("bf16", "--head", help="Output head of the synthetic models: bf16 (peers: F16) or q8 "
-                             "(peers: Q8_0)."),
+    head: str = typer.Option("bf16", "--head", help="Output head of the synthetic models: bf16 (peers: F16), q8 "
+                             "(peers: Q8_0), q6 or q4 (no peers)."),
     weights: Optional[str] = typer.Option(
         None, "--weights", help="Ternary weight encodings of the synthetic models, comma list of i2, tl1, tl2 "
         "(default: i2). Each is its own file holding the same weights; they run interleaved, test by test."),
@@ -531,6 +532,8 @@ def bench(
     try:
         if output not in bn.OUTPUT_FORMATS:
             raise bn.BenchError(f"-o: unknown output format {output!r} (expected md, json or csv)")
+        if head not in ("bf16", "q8") and peers.strip() not in ("", "none"):
+            raise bn.BenchError(f"--peers needs --head bf16 or q8 (the peers then get an F16 or Q8_0 head), not {head!r}")
         peer_bins = bn.parse_peer_bins(peer_bin or [])
         peer_list = bn.check_peers(peers, peer_bins)
         if head not in syn.HEADS:

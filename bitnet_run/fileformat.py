@@ -47,9 +47,15 @@ ENCODING_I2 = 3
 ENCODING_TL1 = 4
 ENCODING_TL2 = 5
 ENCODING_Q8R = 6
+ENCODING_Q6B = 7
+ENCODING_Q4B = 8
 # TL1/TL2 group the rows into tiles of this many rows (docs/format.md).
 TL_TILE = 32
 TL2_GROUP_BYTES = 40
+# Q6_B/Q4_B quantize rows in blocks of this many columns, each with a u8 scale (docs/format.md).
+QB_BLOCK = 32
+QB_GROUP = 16  # blocks per group, the unit of a row's layout
+QB_SCALE_MAX = 255
 # Tensor names and metadata keys: 1..256 printable ASCII bytes (they end up in one-line errors).
 MAX_NAME_LEN = 256
 # Alignments a reader accepts: powers of two in this range (>= 4 keeps F32 data 4-byte aligned).
@@ -268,6 +274,126 @@ def dequantize_q8r(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) * np.asarray(scale, dtype=np.float32)[:, None]
 
 
+# --------------------------------------------------------------------------- Q6_B / Q4_B (6- and 4-bit heads)
+
+# Per encoding: the largest |q| the quantizer writes and the offset that makes q a code (q + offset);
+# a reader accepts every code, so q = -offset too.
+_QB_LEVELS = {ENCODING_Q6B: (31, 32), ENCODING_Q4B: (7, 8)}
+_QB_CHUNK_ROWS = 4096  # rows quantized at a time (bounds the float32 temporaries)
+
+
+def _qb_levels(encoding: int) -> tuple[int, int]:
+    if encoding not in _QB_LEVELS:
+        raise ValueError(f"not a Q6_B/Q4_B encoding: {encoding}")
+    return _QB_LEVELS[encoding]
+
+
+def _qb_row_bytes(encoding: int, cols: int) -> int:
+    return -(-cols // QB_BLOCK) * (25 if encoding == ENCODING_Q6B else 17)
+
+
+def quantize_qb(w: np.ndarray, encoding: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q6_B or Q4_B quantization of a float [rows, cols] matrix, in float32 (docs/format.md): per block
+    of 32 columns the ideal scale a = max|W_block| / qmax (qmax 31 or 7), per row
+    scale = max(a) / 255, block scale s = clamp(round_half_even(a / scale), 1, 255) (0 for an
+    all-zero block), q = clamp(round_half_even(W / (s * scale)), -qmax, qmax) (0 past cols).
+    Returns (q int8 [rows, 32 * nb], s uint8 [rows, nb], scale float32 [rows]), nb = ceil(cols / 32).
+    Non-finite weights are an error."""
+    qmax, _ = _qb_levels(encoding)
+    name = ENCODINGS[encoding].name
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"{name} tensors are 2-D, got shape {list(w.shape)}")
+    if not np.all(np.isfinite(w)):
+        raise ValueError(f"{name}: the matrix holds non-finite values")
+    rows, cols = w.shape
+    nb = -(-cols // QB_BLOCK)
+    q = np.zeros((rows, nb * QB_BLOCK), dtype=np.int8)
+    block_scale = np.zeros((rows, nb), dtype=np.uint8)
+    scale = np.zeros(rows, dtype=np.float32)
+    for start in range(0, rows, _QB_CHUNK_ROWS):
+        stop = min(rows, start + _QB_CHUNK_ROWS)
+        blocks = np.zeros((stop - start, nb * QB_BLOCK), dtype=np.float32)
+        blocks[:, :cols] = w[start:stop]
+        blocks = blocks.reshape(stop - start, nb, QB_BLOCK)
+        ideal = np.max(np.abs(blocks), axis=2) / np.float32(qmax)  # [n, nb]
+        d = (np.max(ideal, axis=1) / np.float32(QB_SCALE_MAX)).astype(np.float32)
+        safe_d = np.where(d > 0, d, np.float32(1))[:, None]
+        s = np.where(ideal > 0, np.clip(np.rint(ideal / safe_d), 1, QB_SCALE_MAX), 0).astype(np.uint8)
+        step = s.astype(np.float32) * d[:, None]
+        safe_step = np.where(step > 0, step, np.float32(1))[:, :, None]
+        qb = np.clip(np.rint(blocks / safe_step), -qmax, qmax)
+        q[start:stop] = qb.reshape(stop - start, -1).astype(np.int8)
+        block_scale[start:stop], scale[start:stop] = s, d
+    return q, block_scale, scale
+
+
+def pack_qb(q: np.ndarray, block_scale: np.ndarray, scale: np.ndarray, encoding: int) -> np.ndarray:
+    """(q int8 [rows, 32 * nb] in -offset..offset-1, s uint8 [rows, nb], scale float32 [rows]) -> the
+    Q6_B/Q4_B bytes: rows f32 scales, then each row as groups of up to 16 blocks, a group of n blocks
+    being their n block scales, the low nibbles of their codes q + offset (byte 16i + k: block i's
+    column k low, column 16 + k high) and, Q6_B only, the codes' bits 4-5 (byte 8i + m: block i's
+    column 8j + m at bits 2j)."""
+    _, offset = _qb_levels(encoding)
+    name = ENCODINGS[encoding].name
+    q = np.asarray(q)
+    if q.ndim != 2 or q.dtype != np.int8 or q.shape[1] % QB_BLOCK:
+        raise ValueError(f"{name} values must be a 2-D int8 array of whole 32-column blocks, got {q.dtype} {list(q.shape)}")
+    rows, nb = q.shape[0], q.shape[1] // QB_BLOCK
+    block_scale = np.asarray(block_scale)
+    if block_scale.shape != (rows, nb) or block_scale.dtype != np.uint8:
+        raise ValueError(f"{name} needs uint8 block scales [{rows}, {nb}], got {block_scale.dtype} {list(block_scale.shape)}")
+    scale = np.ascontiguousarray(scale, dtype="<f4")
+    if scale.shape != (rows,):
+        raise ValueError(f"{name} needs one scale per row: {scale.shape} for {rows} rows")
+    if q.size and (q.min() < -offset or q.max() >= offset):
+        raise ValueError(f"{name} values lie in {-offset}..{offset - 1}")
+    codes = (q.astype(np.int16) + offset).astype(np.uint8).reshape(rows, nb, QB_BLOCK)
+    nibbles = (codes[..., :16] & 15) | ((codes[..., 16:] & 15) << 4)  # [rows, nb, 16]
+    high = (codes >> 4).reshape(rows, nb, 4, 8)
+    high = high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)  # [rows, nb, 8]
+    parts = []
+    for b0 in range(0, nb, QB_GROUP):
+        group = slice(b0, min(nb, b0 + QB_GROUP))
+        parts += [block_scale[:, group], nibbles[:, group].reshape(rows, -1)]
+        if encoding == ENCODING_Q6B:
+            parts.append(high[:, group].reshape(rows, -1))
+    return np.concatenate([scale.view(np.uint8), np.concatenate(parts, axis=1).reshape(-1)])
+
+
+def unpack_qb(packed: np.ndarray, rows: int, cols: int, encoding: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The Q6_B/Q4_B bytes of a [rows, cols] matrix -> (q int8 [rows, 32 * nb], s uint8 [rows, nb],
+    scale float32 [rows]); q past cols is what the file holds there (a reader ignores it)."""
+    _, offset = _qb_levels(encoding)
+    packed = np.asarray(packed, dtype=np.uint8).reshape(-1)
+    expected = encoded_nbytes(encoding, (rows, cols))
+    if packed.size != expected:
+        raise ValueError(f"{ENCODINGS[encoding].name} [{rows}, {cols}] needs {expected} bytes, got {packed.size}")
+    nb = -(-cols // QB_BLOCK)
+    scale = packed[: 4 * rows].view("<f4").astype(np.float32)
+    body = packed[4 * rows:].reshape(rows, -1)
+    block_scale, codes, at = [], [], 0
+    for b0 in range(0, nb, QB_GROUP):
+        n = min(QB_GROUP, nb - b0)
+        block_scale.append(body[:, at: at + n])
+        nibbles = body[:, at + n: at + 17 * n].reshape(rows, n, 16)
+        c = np.concatenate([nibbles & 15, nibbles >> 4], axis=2)
+        if encoding == ENCODING_Q6B:
+            high = body[:, at + 17 * n: at + 25 * n].reshape(rows, n, 1, 8)
+            c |= (((high >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3) << 4).reshape(rows, n, QB_BLOCK)
+        codes.append(c)
+        at += n * (25 if encoding == ENCODING_Q6B else 17)
+    q = (np.concatenate(codes, axis=1).astype(np.int16) - offset).astype(np.int8).reshape(rows, -1)
+    return q, np.concatenate(block_scale, axis=1), scale
+
+
+def dequantize_qb(q: np.ndarray, block_scale: np.ndarray, scale: np.ndarray, cols: int) -> np.ndarray:
+    """The float32 [rows, cols] matrix a Q6_B/Q4_B tensor stands for: (float)(q * s) * scale, as the
+    runtime's embedding lookup reads it."""
+    per_column = np.repeat(np.asarray(block_scale, dtype=np.int32), QB_BLOCK, axis=1)
+    return (q.astype(np.int32) * per_column)[:, :cols].astype(np.float32) * np.asarray(scale, dtype=np.float32)[:, None]
+
+
 # --------------------------------------------------------------------------- the encodings table
 
 
@@ -295,11 +421,12 @@ class Encoding:
     id: int
     name: str  # as docs/format.md and error messages write it
     option: str  # the name the converter, bench and kernel tools take (--weights, --head)
-    kind: str  # "float" (dense), "ternary" (a BitLinear weight) or "q8" (int8 rows, the output head)
+    kind: str  # "float" (dense), "ternary" (a BitLinear weight) or "quant" (integer rows with float scales, the head)
     nbytes_of: Callable[[Sequence[int]], int]
     tile_rows: int = 1  # rows a layout groups together (the last group padded)
     dtype: np.dtype | None = None  # float encodings: how numpy holds the stored values (bf16 as its bits)
     pack: Callable[[np.ndarray], np.ndarray] | None = None  # ternary: int8 [out, in] -> the stored bytes
+    quantize: Callable[[np.ndarray], np.ndarray] | None = None  # quant: float32 [rows, cols] -> the stored bytes
 
     @property
     def two_d(self) -> bool:
@@ -320,7 +447,12 @@ ENCODINGS: dict[int, Encoding] = {
         Encoding(ENCODING_I2, "I2", "i2", "ternary", lambda d: d[0] * ((d[1] + 3) // 4), pack=pack_i2),
         Encoding(ENCODING_TL1, "TL1", "tl1", "ternary", _tiled(_tl1_tile_bytes), TL_TILE, pack=pack_tl1),
         Encoding(ENCODING_TL2, "TL2", "tl2", "ternary", _tiled(_tl2_tile_bytes), TL_TILE, pack=pack_tl2),
-        Encoding(ENCODING_Q8R, "Q8_R", "q8", "q8", lambda d: 4 * d[0] + d[0] * d[1]),
+        Encoding(ENCODING_Q8R, "Q8_R", "q8", "quant", lambda d: 4 * d[0] + d[0] * d[1],
+                 quantize=lambda w: pack_q8r(*quantize_q8r(w))),
+        Encoding(ENCODING_Q6B, "Q6_B", "q6", "quant", lambda d: 4 * d[0] + d[0] * _qb_row_bytes(ENCODING_Q6B, d[1]),
+                 quantize=lambda w: pack_qb(*quantize_qb(w, ENCODING_Q6B), ENCODING_Q6B)),
+        Encoding(ENCODING_Q4B, "Q4_B", "q4", "quant", lambda d: 4 * d[0] + d[0] * _qb_row_bytes(ENCODING_Q4B, d[1]),
+                 quantize=lambda w: pack_qb(*quantize_qb(w, ENCODING_Q4B), ENCODING_Q4B)),
     )
 }
 ENCODING_NAMES = {e.id: e.name for e in ENCODINGS.values()}
@@ -331,7 +463,10 @@ TERNARY_PACKERS = {e.id: e.pack for e in ENCODINGS.values() if e.kind == "ternar
 FLOAT_ENCODING_DTYPES = {e.id: e.dtype for e in ENCODINGS.values() if e.kind == "float"}
 # Encoding per converter `weights` name (the ternary linears) and `head` name (the output head).
 WEIGHT_ENCODINGS = {e.option: e.id for e in ENCODINGS.values() if e.kind == "ternary"}
-HEAD_ENCODINGS = {"bf16": ENCODING_BF16, "f16": ENCODING_F16, "f32": ENCODING_F32, "q8": ENCODING_Q8R}
+# The integer head encodings (Q8_R, Q6_B, Q4_B): their activations are quantized to int8 per token.
+QUANT_ENCODINGS = tuple(e.id for e in ENCODINGS.values() if e.kind == "quant")
+HEAD_ENCODINGS = {"bf16": ENCODING_BF16, "f16": ENCODING_F16, "f32": ENCODING_F32,
+                  **{ENCODINGS[e].option: e for e in QUANT_ENCODINGS}}
 
 
 def encoded_nbytes(encoding: int, dims: Sequence[int]) -> int:
@@ -610,7 +745,7 @@ def _read_tensor_record(cur: _Cursor, index: int) -> TensorInfo:
     nbytes = cur.unpack(_U64, f"{what} nbytes")
     if encoding not in ENCODING_NAMES:
         raise cur.fail(f"{what}: unknown encoding id {encoding} (this reader knows {sorted(ENCODING_NAMES)})")
-    if (encoding in TERNARY_ENCODINGS or encoding == ENCODING_Q8R) and n_dims != 2:
+    if ENCODINGS[encoding].two_d and n_dims != 2:
         raise cur.fail(f"{what}: {ENCODING_NAMES[encoding]} tensors are 2-D, dims are {list(dims)}")
     if any(d == 0 for d in dims):
         raise cur.fail(f"{what}: dims {list(dims)} contain a zero")
@@ -689,12 +824,12 @@ def _parse(path: Path, buf: memoryview, size: int) -> FileHeader:
 
 def read_tensor(header: FileHeader, name: str) -> np.ndarray:
     """A tensor's stored bytes as an array: float encodings shaped `dims` (BF16 as uint16 bits),
-    I2 as uint8 [rows, ceil(in/4)] (decode with unpack_i2), TL1/TL2/Q8_R as uint8 [nbytes]
-    (unpack_tl1/2, unpack_q8r)."""
+    I2 as uint8 [rows, ceil(in/4)] (decode with unpack_i2), TL1/TL2/Q8_R/Q6_B/Q4_B as uint8 [nbytes]
+    (unpack_tl1/2, unpack_q8r, unpack_qb)."""
     info = header.tensor(name)
     if info.encoding == ENCODING_I2:
         dtype, shape = np.dtype(np.uint8), (info.dims[0], (info.dims[1] + 3) // 4)
-    elif info.encoding in TERNARY_ENCODINGS or info.encoding == ENCODING_Q8R:
+    elif ENCODINGS[info.encoding].two_d:
         dtype, shape = np.dtype(np.uint8), (info.nbytes,)
     else:
         dtype, shape = FLOAT_ENCODING_DTYPES[info.encoding], info.dims

@@ -308,16 +308,28 @@ def write_llama_checkpoint(directory: Path, config: dict, seed: int, packed: boo
     return _write(directory, config, tensors)
 
 
-class Q8Head(torch.nn.Module):
-    """The Q8_R output head of docs/format.md in torch, for a reference model converted with --head q8:
-    weights absmax int8 per row, the input absmax int8 per token ([-127, 127]), exact integer dot
-    products, then (dot / s) * scale in float32."""
+def _quantized_head(weight: np.ndarray, encoding: int) -> tuple[np.ndarray, np.ndarray]:
+    """(integer weights q * block scale [rows, cols], row scale [rows]) of an integer head encoding of
+    docs/format.md: Q8_R (no block scales), Q6_B or Q4_B."""
+    from bitnet_run import fileformat as ff
 
-    def __init__(self, weight: torch.Tensor):
+    if encoding == ff.ENCODING_Q8R:
+        q, scale = ff.quantize_q8r(weight)
+        return q.astype(np.int32), scale
+    q, block_scale, scale = ff.quantize_qb(weight, encoding)
+    per_column = np.repeat(block_scale.astype(np.int32), ff.QB_BLOCK, axis=1)
+    return (q.astype(np.int32) * per_column)[:, : weight.shape[1]], scale
+
+
+class QuantHead(torch.nn.Module):
+    """The integer output heads of docs/format.md in torch (Q8_R, Q6_B, Q4_B), for a reference model
+    converted with --head q8|q6|q4: the weights quantized as the converter does, the input absmax int8
+    per token ([-127, 127]), exact integer dot products (the block scales folded into the integer
+    weights: the same integer as the sum of scaled block dots), then (dot / s) * scale in float32."""
+
+    def __init__(self, weight: torch.Tensor, encoding: int):
         super().__init__()
-        from bitnet_run.fileformat import quantize_q8r
-
-        q, scale = quantize_q8r(weight.detach().float().numpy())
+        q, scale = _quantized_head(weight.detach().float().numpy(), encoding)
         self.q = torch.from_numpy(q.astype(np.float64))
         self.scale = torch.from_numpy(scale)
 
@@ -328,16 +340,15 @@ class Q8Head(torch.nn.Module):
         return (dot / s) * self.scale
 
 
-def use_q8_head(model) -> None:
-    """Gives a transformers model the Q8_R head of its output weights; a tied embedding becomes the
-    dequantized Q8_R rows too (what the runtime's embedding lookup reads)."""
-    from bitnet_run.fileformat import dequantize_q8r, quantize_q8r
-
+def use_quant_head(model, encoding: int) -> None:
+    """Gives a transformers model the integer head (encoding Q8_R, Q6_B or Q4_B) of its output weights;
+    a tied embedding becomes the dequantized rows too, (float)(q * block scale) * scale (what the
+    runtime's embedding lookup reads)."""
     weight = model.lm_head.weight
-    head = Q8Head(weight)
+    head = QuantHead(weight, encoding)
     if model.config.tie_word_embeddings:
-        q, scale = quantize_q8r(weight.detach().float().numpy())
-        model.model.embed_tokens.weight = torch.nn.Parameter(torch.from_numpy(dequantize_q8r(q, scale)))
+        q, scale = _quantized_head(weight.detach().float().numpy(), encoding)
+        model.model.embed_tokens.weight = torch.nn.Parameter(torch.from_numpy(q.astype(np.float32) * scale[:, None]))
     model.lm_head = head
 
 

@@ -18,7 +18,8 @@ def tiny_model_factory(tmp_path_factory):
     the transformers reference on it."""
     from bitnet_run import Model
     from bitnet_run.convert import convert_checkpoint
-    from checkpoints import (load_reference, make_config, use_q8_head, write_llama_checkpoint, write_master_checkpoint,
+    from bitnet_run.fileformat import HEAD_ENCODINGS
+    from checkpoints import (load_reference, make_config, use_quant_head, write_llama_checkpoint, write_master_checkpoint,
                              write_packed_checkpoint)
 
     built = {}
@@ -27,7 +28,8 @@ def tiny_model_factory(tmp_path_factory):
               weights: str = "i2", arch: str = "bitnet", head_dim: int | None = None, use_rms_norm: bool = False,
               head: str | None = None):
         """weights: the converter's ternary encoding (i2, tl1, tl2); head: its output head encoding (None:
-        the checkpoint's, "q8": Q8_R, the reference's head then computing the same Q8_R head);
+        the checkpoint's; "q8", "q6", "q4": Q8_R, Q6_B, Q4_B, the reference's head then computing the same
+        integer head);
         arch: "bitnet" (BitNetForCausalLM) or "llama" (LlamaForCausalLM with BitLinears)."""
         key = (fmt, hidden, heads, kv_heads, tied, seed, layers, weights, arch, head_dim, use_rms_norm, head)
         if key not in built:
@@ -42,8 +44,8 @@ def tiny_model_factory(tmp_path_factory):
                 writer(root / "hf", make_config(**shape), seed)
             path = convert_checkpoint(root / "hf", root / "model.bnr", weights=weights, head=head)
             reference = load_reference(root / "hf")
-            if head == "q8":
-                use_q8_head(reference)
+            if head in ("q8", "q6", "q4"):
+                use_quant_head(reference, HEAD_ENCODINGS[head])
             built[key] = SimpleNamespace(
                 model=Model(path, n_threads=2), reference=reference, seed=seed, checkpoint=root / "hf", path=path,
             )

@@ -3,7 +3,8 @@ with tests/arm/runner.c (a pipe front end of bitnet.h) as its main, and run unde
 CPU without the dot-product extension (Cortex-A53: ref, neon) and one with it (Cortex-A76: ref, neon,
 neon-dotprod). Every kernel of every variant there must equal this machine's reference kernel bit
 for bit (so the AArch64 reference too) on random, odd-shaped and extreme inputs, and the demo model's
-logits there (as bundled, I2 with a bf16 head, and converted to TL1, and to TL2 with the 8-bit head)
+logits there (as bundled, I2 with a bf16 head, and converted to TL1 with the 4-bit head, to TL2 with
+the 8-bit head and to I2 with the 6-bit head)
 must equal this machine's with BITNET_RUN_KERNELS=ref, with either KV cache type.
 
 Needs gcc-aarch64-linux-gnu, libc6-dev-arm64-cross and qemu-user (Debian/Ubuntu); skipped without
@@ -28,6 +29,8 @@ from test_kernels import (
     ACT_KINDS, ENC_BF16, ENC_F16, ENC_F32, TL_W_KINDS, W_KINDS, _raw_eval, activations, dense_matmul,
     dense_weights, q8_case, q8_matmul, ternary_matmul, tl_weights, weights,
 )
+from test_quant_heads import KINDS as QB_KINDS
+from test_quant_heads import QB, qb_case, quant_matmul
 
 ROOT = Path(__file__).resolve().parent.parent
 CC, QEMU = "aarch64-linux-gnu-gcc", "qemu-aarch64"
@@ -230,6 +233,33 @@ def test_q8_kernels(arm, rows, cols, n_tok, kind, n_threads, seed):
     assert_same(arm, outs, q8_matmul(0, x, xs, w, rows, cols))
 
 
+@EXAMPLES
+@given(
+    encoding=st.sampled_from(QB),
+    rows=st.integers(1, 40),
+    cols=st.one_of(st.integers(1, 200), st.sampled_from([511, 513, 1031, 4097])),
+    n_tok=st.integers(1, 9),
+    kind=st.sampled_from(QB_KINDS),
+    n_threads=st.sampled_from([1, 2, 3]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_qb_kernels(arm, encoding, rows, cols, n_tok, kind, n_threads, seed):
+    """The 6- and 4-bit heads (tests/test_quant_heads.py's cases: any bytes, the extremes)."""
+    x, xs, w = qb_case(kind, encoding, n_tok, rows, cols, np.random.default_rng(seed))
+    outs = arm.request(f"quant {encoding} {n_threads} {n_tok} {rows} {cols}", x, xs, w)
+    assert_same(arm, outs, quant_matmul(0, encoding, x, xs, w, rows, cols))
+
+
+@pytest.mark.parametrize("encoding", QB, ids=["q6", "q4"])
+def test_qb_long_rows(arm, encoding):
+    """Rows whose sum of scaled block dots passes 2^31 (int32 group sums widened to 64 bits)."""
+    rng = np.random.default_rng(2)
+    for kind in ("max", "min", "alternating"):
+        x, xs, w = qb_case(kind, encoding, 3, 5, 16384 + 97, rng)
+        outs = arm.request(f"quant {encoding} 2 3 5 {16384 + 97}", x, xs, w)
+        assert_same(arm, outs, quant_matmul(0, encoding, x, xs, w, 5, 16384 + 97))
+
+
 # ---- activation quantization and attention ----
 
 @EXAMPLES
@@ -273,15 +303,16 @@ PROMPTS = ["Once upon a time", "The little dog ran to the park and", "1 2 3"]
 
 @pytest.fixture(scope="module")
 def demo_models(tmp_path_factory) -> dict[str, Path]:
-    """The bundled demo model (I2, bf16 head) and its checkpoint converted to TL1 and to TL2 with the
-    8-bit head, so that every kernel runs in a whole model."""
+    """The bundled demo model (I2, bf16 head) and its checkpoint converted to TL1 with the 4-bit head,
+    to TL2 with the 8-bit head and to I2 with the 6-bit head, so that every kernel runs in a whole model."""
     from bitnet_run.convert import convert_checkpoint
 
     root = tmp_path_factory.mktemp("demo")
     return {
         "i2-bf16": DEMO,
-        "tl1-bf16": convert_checkpoint(DEMO.parent, root / "tl1.bnr", weights="tl1"),
+        "tl1-q4": convert_checkpoint(DEMO.parent, root / "tl1-q4.bnr", weights="tl1", head="q4"),
         "tl2-q8": convert_checkpoint(DEMO.parent, root / "tl2-q8.bnr", weights="tl2", head="q8"),
+        "i2-q6": convert_checkpoint(DEMO.parent, root / "i2-q6.bnr", head="q6"),
     }
 
 
@@ -302,7 +333,7 @@ def _reference_logits(path: Path, kv: str) -> list[tuple[list[int], np.ndarray]]
 
 
 @pytest.mark.parametrize("kv", ["f16", "f32"])
-@pytest.mark.parametrize("model", ["i2-bf16", "tl1-bf16", "tl2-q8"])
+@pytest.mark.parametrize("model", ["i2-bf16", "tl1-q4", "tl2-q8", "i2-q6"])
 def test_demo_logits_equal_this_machines_reference(arm, demo_models, model, kv):
     """Prompt logits (all positions) and one decoding step, every AArch64 variant at 2 threads, with
     the default (f16) KV cache and with a float one."""

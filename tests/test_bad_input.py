@@ -87,6 +87,51 @@ def test_unknown_encoding(tmp_path, tiny_model):
     assert Q_PROJ.decode() in message and "encoding" in message
 
 
+@pytest.mark.parametrize("head", ["q6", "q4"])
+def test_quant_head_sizes_are_checked(tmp_path, tiny_model, head):
+    """A Q6_B / Q4_B head whose record says one byte more, or whose encoding id says the other layout
+    (same shape, other size): one line naming the tensor and the size the encoding needs, from the C
+    loader and the Python reader alike."""
+    from bitnet_run import fileformat as ff
+    from bitnet_run.convert import convert_checkpoint
+
+    src = convert_checkpoint(tiny_model.checkpoint, tmp_path / f"{head}.bnr", head=head)
+    name = b"model.embed_tokens.weight"
+    fields = _record_fields(src.read_bytes(), name)
+    nbytes = ff.read_header(src).tensor(name.decode()).nbytes
+    other = ff.ENCODING_Q4B if head == "q6" else ff.ENCODING_Q6B
+    for position, fmt, value in ((fields["nbytes"], "<Q", nbytes + 1), (fields["encoding"], "<I", other)):
+        path = _patched(tmp_path, src, position, fmt, value)
+        message = _load_error(path)
+        assert name.decode() in message and "nbytes" in message and "needs" in message, message
+        with pytest.raises(ValueError, match="needs") as info:
+            ff.read_header(path)
+        assert "\n" not in str(info.value) and name.decode() in str(info.value)
+
+
+def test_quant_head_encoding_is_refused_for_a_linear(tmp_path, tiny_model):
+    """An output-head encoding where a ternary weight belongs: the tensor and the encodings allowed."""
+    from bitnet_run import fileformat as ff
+    from bitnet_run.convert import convert_checkpoint
+
+    src = convert_checkpoint(tiny_model.checkpoint, tmp_path / "q4.bnr", head="q4")
+    writer, header = ff.Writer(), ff.read_header(src)
+    adders = {ff.TYPE_U32: writer.add_u32, ff.TYPE_I32: writer.add_i32, ff.TYPE_F32: writer.add_f32,
+              ff.TYPE_U64: writer.add_u64, ff.TYPE_STRING: writer.add_string, ff.TYPE_I32_ARRAY: writer.add_i32_array}
+    for key, value in header.metadata.items():
+        adders[header.metadata_types[key]](key, value)
+    for t in header.tensors:
+        if t.name == Q_PROJ.decode():
+            data = ff.ENCODINGS[ff.ENCODING_Q4B].quantize(np.ones(t.dims, dtype=np.float32))
+            writer.add_tensor(t.name, ff.ENCODING_Q4B, t.dims, lambda d=data: ff.TensorData(d))
+        else:
+            writer.add_tensor(t.name, t.encoding, t.dims, lambda t=t: ff.TensorData(ff.read_tensor(header, t.name), t.scale))
+    path = tmp_path / "bad.bnr"
+    writer.write(path)
+    message = _load_error(path)
+    assert Q_PROJ.decode() in message and "Q4_B" in message and "I2, TL1 or TL2" in message, message
+
+
 def test_unsupported_architecture(tmp_path, tiny_model):
     data = tiny_model.path.read_bytes()
     key = b"general.architecture"

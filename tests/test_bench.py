@@ -282,17 +282,23 @@ def test_bench_kernels_hook(cache_dir, tiny_path):
     assert all(r["pct_of_membw"] == pytest.approx(100 * r["weight_gbps"] / r["membw_gbps"]) for r in rows)
 
 
-def test_bench_q8_head(cache_dir):
-    """--head q8: the synthetic file with a Q8_R head (its own cache file), labelled as such."""
-    result = _invoke(cache_dir, "--head", "q8", "-p", "4", "-n", "2", "-r", "1", "-t", "1", "--membw-mib", "4",
+@pytest.mark.parametrize("head", ["q8", "q6", "q4"])
+def test_bench_quant_head(cache_dir, head):
+    """--head q8|q6|q4: the synthetic file with a Q8_R / Q6_B / Q4_B head (its own cache file), labelled as such."""
+    result = _invoke(cache_dir, "--head", head, "-p", "4", "-n", "2", "-r", "1", "-t", "1", "--membw-mib", "4",
                      "-o", "json")
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
-    assert {r["model"] for r in rows} == {"synthetic tiny q8 head"}
-    assert all(r["model_path"].endswith("tiny-q8.bnr") and r["ratio_vs"] is None for r in rows)
-    assert all(ff.read_header(r["model_path"]).metadata.get("synthetic.head") == "q8" for r in rows)
-    bad = _invoke(cache_dir, "--head", "q4", "-r", "1")
+    assert {r["model"] for r in rows} == {f"synthetic tiny {head} head"}
+    assert all(r["model_path"].endswith(f"tiny-{head}.bnr") and r["ratio_vs"] is None for r in rows)
+    header = ff.read_header(rows[0]["model_path"])
+    assert header.metadata.get("synthetic.head") == head
+    assert header.tensor("model.embed_tokens.weight").encoding == ff.HEAD_ENCODINGS[head]
+    bad = _invoke(cache_dir, "--head", "q3", "-r", "1")
     assert bad.exit_code == 1 and "--head must be one of" in bad.stderr
+    if head != "q8":  # the peers' GGUF files have an F16 or Q8_0 head only
+        bad = _invoke(cache_dir, "--head", head, "--peers", "llamacpp", "-r", "1")
+        assert bad.exit_code == 1 and "--peers needs --head bf16 or q8" in bad.stderr
 
 
 # --------------------------------------------------------------------------- ternary encodings (--weights)
@@ -306,7 +312,9 @@ def encodings_cache(tmp_path_factory):
 def test_cache_file_names():
     """i2 and bf16 are left out of the name, so the files written before --weights keep their names."""
     assert [syn.file_name("2b-4t", head, weights) for weights in syn.WEIGHTS for head in syn.HEADS] == [
-        "2b-4t.bnr", "2b-4t-q8.bnr", "2b-4t-tl1.bnr", "2b-4t-tl1-q8.bnr", "2b-4t-tl2.bnr", "2b-4t-tl2-q8.bnr"]
+        "2b-4t.bnr", "2b-4t-q8.bnr", "2b-4t-q6.bnr", "2b-4t-q4.bnr", "2b-4t-tl1.bnr", "2b-4t-tl1-q8.bnr",
+        "2b-4t-tl1-q6.bnr", "2b-4t-tl1-q4.bnr", "2b-4t-tl2.bnr", "2b-4t-tl2-q8.bnr", "2b-4t-tl2-q6.bnr",
+        "2b-4t-tl2-q4.bnr"]
 
 
 def test_every_encoding_holds_the_same_model(encodings_cache):

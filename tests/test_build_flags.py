@@ -6,8 +6,9 @@ AVX-VNNI variant with the EVEX form of vpdpbusd (-DBN_AVXVNNI_EVEX, kernels_avxv
 kernel runs and is checked on CPUs with AVX-512 VNNI but without AVX-VNNI.
 
 Each build is a second copy of the extension in a temporary directory, loaded beside the installed
-one (importlib; its C symbols stay local to it). The checks are the ones of tests/test_kernels.py
-and tests/test_float_kernels.py, run with their module-level `lib`/`ffi` swapped for the copy's."""
+one (importlib; its C symbols stay local to it). The checks are the ones of tests/test_kernels.py,
+tests/test_float_kernels.py and tests/test_quant_heads.py, run with their module-level `lib`/`ffi`
+swapped for the copy's."""
 from __future__ import annotations
 
 import importlib.util
@@ -22,6 +23,7 @@ import pytest
 
 import test_float_kernels as tf
 import test_kernels as tk
+import test_quant_heads as tq
 from bitnet_run._bitnet import ffi as default_ffi
 from bitnet_run._bitnet import lib as default_lib
 
@@ -65,8 +67,8 @@ def copy(request, tmp_path_factory):
 
 @pytest.fixture
 def use_copy(copy, monkeypatch):
-    """tk's and tf's helpers call the copy from here on."""
-    for mod in (tk, tf):
+    """tk's, tf's and tq's helpers call the copy from here on."""
+    for mod in (tk, tf, tq):
         monkeypatch.setattr(mod, "lib", copy.lib)
         monkeypatch.setattr(mod, "ffi", copy.ffi)
     copy.names = [copy.ffi.string(copy.lib.bn_kernels_name(i)).decode() for i in range(copy.lib.bn_kernels_count())]
@@ -109,6 +111,9 @@ def test_references_match_numpy(use_copy):
         tk.test_dense_reference_close_to_numpy(encoding)
     for kind in ("random", "extreme", "max"):
         tk.test_q8_reference_matches_numpy(kind)
+    for encoding in tq.QB:
+        for kind in tq.KINDS:
+            tq.test_qb_reference_matches_numpy(encoding, kind)
     for kind in ("random", "outliers", "ties", "zero", "tiny"):
         tf.test_quantize_reference_matches_numpy(kind)
     tf.test_attention_reference_matches_numpy()
@@ -117,7 +122,7 @@ def test_references_match_numpy(use_copy):
 
 @pytest.mark.parametrize("name", FAST_NAMES)
 def test_variants_match_reference(use_copy, name):
-    """tests/test_kernels.py's and test_float_kernels.py's hypothesis checks of every variant."""
+    """tests/test_kernels.py's, test_float_kernels.py's and test_quant_heads.py's hypothesis checks of every variant."""
     if name not in use_copy.names:
         pytest.skip(f"{name} is not usable on this CPU in this build")
     variant = use_copy.names.index(name)
@@ -129,6 +134,9 @@ def test_variants_match_reference(use_copy, name):
         tk.test_tl_variant_layer_shapes(encoding, variant, 640, 2560, 67)
     tk.test_dense_variant_matches_reference(variant=variant)
     tk.test_q8_variant_matches_reference(variant=variant)
+    for encoding in tq.QB:
+        tq.test_qb_variant_matches_reference(encoding=encoding, variant=variant)
+        tq.test_qb_long_rows_and_head_shapes(encoding, variant)
     tf.test_quantize_variant_matches_reference(variant=variant)
     for kv in ("f32", "f16"):
         tf.test_attention_variant_matches_reference(variant=variant, kv=kv)

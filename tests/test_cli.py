@@ -4,6 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from bitnet_run import __version__
@@ -124,8 +125,21 @@ def test_convert_command_head_q8(tiny_model, tmp_path):
         ref = reference(torch.tensor([ids])).logits[0].float().numpy()
     per_token = np.abs(ours - ref).max(axis=1) / np.abs(ref).max()
     assert np.percentile(per_token, 90) <= 0.02 and per_token.max() <= 0.10
-    result = runner.invoke(app, ["convert", str(tiny_model.checkpoint), "-o", str(tmp_path / "x.bnr"), "--head", "q4"])
+    result = runner.invoke(app, ["convert", str(tiny_model.checkpoint), "-o", str(tmp_path / "x.bnr"), "--head", "q3"])
     assert result.exit_code != 0 and not (tmp_path / "x.bnr").exists()
+
+
+@pytest.mark.parametrize("head", ["q6", "q4"])
+def test_convert_command_head_q6_q4(tiny_model, tmp_path, head):
+    """--head q6 / q4 write a Q6_B / Q4_B head (the kernels and logits: tests/test_quant_heads.py) that runs."""
+    from bitnet_run import fileformat as ff
+
+    out = tmp_path / f"{head}.bnr"
+    result = runner.invoke(app, ["convert", str(tiny_model.checkpoint), "-o", str(out), "--head", head])
+    assert result.exit_code == 0, result.output
+    assert ff.read_header(out).tensor("model.embed_tokens.weight").encoding == ff.HEAD_ENCODINGS[head]
+    result = runner.invoke(app, ["run", "-m", str(out), "-p", "Once", "-n", "4", "--temp", "0"])
+    assert result.exit_code == 0, result.output
 
 
 def test_run_stop_string_and_cache_type(tiny_model):

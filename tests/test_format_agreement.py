@@ -51,8 +51,8 @@ def _sample(path) -> bytes:
         dims = (33, 7) if e.two_d else (5, 3)
         if e.kind == "ternary":
             data = e.pack(ternary)
-        elif e.kind == "q8":
-            data = ff.pack_q8r(*ff.quantize_q8r(rng.standard_normal(dims).astype(np.float32)))
+        elif e.kind == "quant":
+            data = e.quantize(rng.standard_normal(dims).astype(np.float32))
         else:
             data = np.zeros(dims, dtype=e.dtype)
         w.add_tensor(f"t.{e.name}", e.id, dims, lambda d=data: ff.TensorData(d, 0.5))

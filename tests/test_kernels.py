@@ -705,7 +705,7 @@ def test_q8_head_file_is_smaller_and_converter_rejects_unknown_head(tiny_model, 
     from bitnet_run.convert import convert_checkpoint
 
     with pytest.raises(ValueError, match="head"):
-        convert_checkpoint(tiny_model.checkpoint, tmp_path / "x.bnr", head="q4")
+        convert_checkpoint(tiny_model.checkpoint, tmp_path / "x.bnr", head="q3")
     f32 = ff.read_header(convert_checkpoint(tiny_model.checkpoint, tmp_path / "f32.bnr", head="f32"))
     q8 = ff.read_header(convert_checkpoint(tiny_model.checkpoint, tmp_path / "q8.bnr", head="q8"))
     a, b = f32.tensor("model.embed_tokens.weight"), q8.tensor("model.embed_tokens.weight")

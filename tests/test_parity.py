@@ -75,9 +75,14 @@ CASES = {
     "llama-master-gqa4-d40-untied-rms-tl2": dict(arch="llama", fmt="master", hidden=128, heads=8, kv_heads=2,
                                                  head_dim=40, tied=False, use_rms_norm=True, seed=13, weights="tl2"),
     "llama-master-gqa4-tied-i2": dict(arch="llama", fmt="master", hidden=256, heads=4, kv_heads=1, tied=True, seed=14),
-    # the 8-bit head (untied): the reference then computes the same Q8_R head (checkpoints.Q8Head)
+    # the integer heads: the reference then computes the same Q8_R / Q6_B / Q4_B head (checkpoints.QuantHead);
+    # 8-bit untied; 6-bit untied over 8 blocks per row and 4-bit tied (the embedding lookup reads the 4-bit
+    # rows), on the checkpoints of packed-gqa2-d64-untied and tl1-master-gqa4-d32-tied
     "llama-master-d48-untied-tl2-q8": dict(arch="llama", fmt="master", hidden=128, heads=4, kv_heads=1, head_dim=48,
                                            tied=False, seed=17, weights="tl2", head="q8"),
+    "packed-gqa2-d64-untied-q6": dict(fmt="packed", hidden=256, heads=4, kv_heads=2, tied=False, seed=2, head="q6"),
+    "master-gqa4-d32-tied-tl1-q4": dict(fmt="master", hidden=256, heads=8, kv_heads=2, tied=True, seed=3,
+                                        weights="tl1", head="q4"),
 }
 
 

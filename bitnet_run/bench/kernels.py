@@ -100,11 +100,11 @@ def _main() -> None:
     ap.add_argument("--n-tok", type=int, nargs="+", default=[1, 128])
     ap.add_argument("--encodings", nargs="+", default=list(TERNARY), choices=TERNARY,
                     help="ternary weight encodings to time (default: all)")
-    ap.add_argument("--head", action="store_true", help="also time the output head (128256 x 2560), bf16 and q8")
+    ap.add_argument("--head", action="store_true", help="also time the output head (128256 x 2560): bf16, q8, q6, q4")
     ap.add_argument("--cold-mb", type=int, default=0, help="cycle through this many MB of weight copies")
     args = ap.parse_args()
     print(f"variants: {variants()}  cpu: {cpu_features()}  threads: {args.threads}")
-    runs = [(e, LAYER_SHAPES_2B4T) for e in args.encodings] + ([(e, [HEAD_SHAPE_2B4T]) for e in ("bf16", "q8")] if args.head else [])
+    runs = [(e, LAYER_SHAPES_2B4T) for e in args.encodings] + ([(e, [HEAD_SHAPE_2B4T]) for e in ("bf16", "q8", "q6", "q4")] if args.head else [])
     print(f"{'shape':>14} {'rows':>6} {'cols':>5} {'n_tok':>5} {'enc':>4} {'kernel':>6} {'ms/call':>9} {'GB/s':>7} "
           f"{'GMAC/s':>8} {'x ref':>6}")
     for encoding, shapes in runs:

@@ -120,20 +120,21 @@ def get_shape(name: str) -> Shape:
         raise ValueError(f"unknown synthetic shape {name!r} (known: {', '.join(SHAPES)})") from None
 
 
-HEADS = ("bf16", "q8")  # output head encodings a synthetic file can have
+HEADS = ("bf16", "q8", "q6", "q4")  # output head encodings a synthetic file can have
 WEIGHTS = tuple(ff.WEIGHT_ENCODINGS)  # ternary linear encodings a synthetic file can have: i2, tl1, tl2
 
 
 def tensor_plan(shape: Shape | str, head: str = "bf16", weights: str = "i2") -> list[PlannedTensor]:
     """Every tensor of the file in write order (docs/format.md), without writing anything. `head`:
-    "bf16" or "q8" (Q8_R), the encoding of the output head (the tied embedding, else lm_head);
+    "bf16", "q8" (Q8_R), "q6" (Q6_B) or "q4" (Q4_B), the encoding of the output head (the tied
+    embedding, else lm_head);
     `weights`: "i2", "tl1" or "tl2", the encoding of the ternary linears."""
     if head not in HEADS:
         raise ValueError(f"unknown synthetic head {head!r} (known: {', '.join(HEADS)})")
     if weights not in WEIGHTS:
         raise ValueError(f"unknown synthetic weight encoding {weights!r} (known: {', '.join(WEIGHTS)})")
     s = get_shape(shape) if isinstance(shape, str) else shape
-    head_enc = ff.ENCODING_Q8R if head == "q8" else ff.ENCODING_BF16
+    head_enc = ff.HEAD_ENCODINGS[head]
     encodings = {NORM: ff.ENCODING_F32, LINEAR: ff.WEIGHT_ENCODINGS[weights]}
     plan = []
     for t in arch.tensor_plan(s.hp):
@@ -210,23 +211,26 @@ def _random_bf16(rng: np.random.Generator, dims: tuple[int, int]) -> ff.TensorDa
     return ff.TensorData(out)
 
 
-def _random_q8r(rng: np.random.Generator, dims: tuple[int, int]) -> ff.TensorData:
-    """Normal(0, EMBEDDING_STD) quantized per row to Q8_R, generated in row chunks."""
+def _random_quant(rng: np.random.Generator, dims: tuple[int, int], encoding: int) -> ff.TensorData:
+    """Normal(0, EMBEDDING_STD) quantized to an integer head encoding (Q8_R, Q6_B, Q4_B), generated in row
+    chunks. Every such layout is the row scales, then the rows: each chunk's two parts are gathered."""
     rows, cols = dims
-    q = np.empty((rows, cols), dtype=np.int8)
-    scale = np.empty(rows, dtype=np.float32)
+    quantize = ff.ENCODINGS[encoding].quantize
+    scales, body = [], []
     for start in range(0, rows, EMBEDDING_CHUNK_ROWS):
         stop = min(rows, start + EMBEDDING_CHUNK_ROWS)
         w = rng.standard_normal((stop - start, cols), dtype=np.float32) * np.float32(EMBEDDING_STD)
-        q[start:stop], scale[start:stop] = ff.quantize_q8r(w)
-    return ff.TensorData(ff.pack_q8r(q, scale))
+        packed = quantize(w)
+        scales.append(packed[: 4 * (stop - start)])
+        body.append(packed[4 * (stop - start):])
+    return ff.TensorData(np.concatenate(scales + body))
 
 
 def _producer(t: PlannedTensor, rng: np.random.Generator) -> Callable[[], ff.TensorData]:
     if t.kind == LINEAR:
         return lambda: _random_ternary(rng, t.dims, t.encoding)
-    if t.kind == EMBEDDING and t.encoding == ff.ENCODING_Q8R:
-        return lambda: _random_q8r(rng, t.dims)
+    if t.kind == EMBEDDING and t.encoding in ff.QUANT_ENCODINGS:
+        return lambda: _random_quant(rng, t.dims, t.encoding)
     if t.kind == EMBEDDING:
         return lambda: _random_bf16(rng, t.dims)
     return lambda: ff.TensorData(np.ones(t.dims, dtype=np.float32))
@@ -262,7 +266,7 @@ def write_synthetic(shape: Shape | str, path: str | os.PathLike, seed: int = 0,
                     progress: Callable[[int, int, str], None] | None = None, head: str = "bf16",
                     weights: str = "i2") -> Path:
     """Write a random ternary model of `shape` to `path` (streamed tensor by tensor), its output
-    head in `head` encoding ("bf16" or "q8"), its linears in `weights` encoding ("i2", "tl1", "tl2")."""
+    head in `head` encoding ("bf16", "q8", "q6" or "q4"), its linears in `weights` encoding ("i2", "tl1", "tl2")."""
     s = get_shape(shape) if isinstance(shape, str) else shape
     rng = np.random.default_rng(seed)
     w = ff.Writer()

@@ -18,7 +18,7 @@ MODEL_SUFFIX = ".bnr"
 
 
 WEIGHT_ENCODINGS = tuple(ff.WEIGHT_ENCODINGS)  # ("i2", "tl1", "tl2")
-HEAD_ENCODINGS = tuple(ff.HEAD_ENCODINGS)  # ("bf16", "f16", "f32", "q8")
+HEAD_ENCODINGS = tuple(ff.HEAD_ENCODINGS)  # ("bf16", "f16", "f32", "q8", "q6", "q4")
 
 
 def convert_checkpoint(
@@ -33,8 +33,10 @@ def convert_checkpoint(
     `weights` is the encoding of the ternary linears (docs/format.md): "i2" (2 bits/weight, the
     default), "tl1" (lookup-table pairs, 2 bits/weight) or "tl2" (lookup-table triples, 1.67 bits/weight).
     `head` is the encoding of the output head (the tied embedding, else lm_head): "bf16", "f16",
-    "f32" or "q8" (Q8_R: per-row absmax int8 with an f32 scale per row, about half the bytes of
-    bf16); None (the default) keeps the checkpoint's dtype.
+    "f32", "q8" (Q8_R: per-row absmax int8 with an f32 scale per row, about half the bytes of
+    bf16), "q6" or "q4" (Q6_B, Q4_B: 6- or 4-bit values in blocks of 32 columns with a u8 scale
+    per block and an f32 scale per row, 6.25 or 4.25 bits per weight); None (the default) keeps
+    the checkpoint's dtype.
     The file does not depend on the machine that converts it.
 
     When `out` is an existing directory the file is named after the checkpoint inside it.

@@ -70,7 +70,7 @@ def _float32_to_bf16_bits(w: np.ndarray) -> np.ndarray:
 
 def _float_producer(checkpoint: Checkpoint, name: str, encoding: int) -> Callable[[], ff.TensorData]:
     """An embedding / output head in `encoding`: the stored bytes when it is the checkpoint's own dtype,
-    else converted from float32 (Q8_R: per-row absmax int8, docs/format.md)."""
+    else converted from float32 (Q8_R, Q6_B, Q4_B: the integer quantizations of docs/format.md)."""
     entry = checkpoint.tensors[name]
     if FLOAT_ENCODINGS[entry.dtype] == encoding:
         return lambda: ff.TensorData(checkpoint.load(name))
@@ -79,8 +79,9 @@ def _float_producer(checkpoint: Checkpoint, name: str, encoding: int) -> Callabl
         w = checkpoint.load_float32(name)
         if not np.all(np.isfinite(w)):
             raise ConversionError(f"{entry.file.name}: tensor {name!r} holds non-finite values")
-        if encoding == ff.ENCODING_Q8R:
-            return ff.TensorData(ff.pack_q8r(*ff.quantize_q8r(w)))
+        quantize = ff.ENCODINGS[encoding].quantize
+        if quantize is not None:
+            return ff.TensorData(quantize(w))
         if encoding == ff.ENCODING_BF16:
             return ff.TensorData(_float32_to_bf16_bits(w))
         if encoding == ff.ENCODING_F16:
@@ -123,7 +124,7 @@ def add_tensors(writer: ff.Writer, checkpoint: Checkpoint, family: Family, hp: H
                 weights: str = "i2", head: str | None = None) -> None:
     """Check every tensor up front, then plan each one with a producer that reads it when written.
     `weights` names the encoding of the ternary linears: "i2", "tl1" or "tl2". `head` the encoding of
-    the output head ("bf16", "f16", "f32" or "q8"; None keeps the checkpoint's dtype): the tied
+    the output head ("bf16", "f16", "f32", "q8", "q6" or "q4"; None keeps the checkpoint's dtype): the tied
     embedding, or lm_head when untied (an untied embedding keeps its dtype: only one row is read)."""
     if weights not in ff.WEIGHT_ENCODINGS:
         raise ValueError(f"weights must be one of {sorted(ff.WEIGHT_ENCODINGS)}, got {weights!r}")

@@ -38,7 +38,9 @@ typedef enum {
     BN_ENC_TL1 = 4, /* ternary, weight pairs as 4-bit indices in tiles of 32 rows */
     BN_ENC_TL2 = 5, /* ternary, weight triples as 4-bit index + sign bit in tiles of 32 rows */
     BN_ENC_Q8R = 6, /* int8 rows with an f32 scale per row (the output head) */
-    BN_ENC_COUNT = 7
+    BN_ENC_Q6B = 7, /* 6-bit rows in blocks of 32 with a u8 scale per block and an f32 scale per row (head) */
+    BN_ENC_Q4B = 8, /* 4-bit rows, the same blocks and scales (head) */
+    BN_ENC_COUNT = 9
 } bn_encoding;
 
 /* The FFN gate's activation (metadata bitnet.hidden_act). */

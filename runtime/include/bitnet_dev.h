@@ -67,6 +67,12 @@ bn_status bn_kernels_dense_matmul(uint32_t variant, uint32_t n_threads, float *y
  * BN_ERR_ARG for a bad variant. */
 bn_status bn_kernels_q8_matmul(uint32_t variant, uint32_t n_threads, float *y, const int8_t *x, const float *xs,
                                uint32_t n_tok, const uint8_t *w, uint32_t rows, uint32_t cols);
+/* The same for any integer head encoding: 6 (Q8_R, as above), 7 (Q6_B) or 8 (Q4_B), w the whole
+ * [rows][cols] tensor in that encoding (docs/format.md: rows f32 row scales, then the rows), where
+ * dot = sum over the row's blocks of (block scale) * (the block's exact integer dot). BN_ERR_ARG for
+ * a bad variant or encoding, or an activation -128. */
+bn_status bn_kernels_quant_matmul(uint32_t variant, uint32_t encoding, uint32_t n_threads, float *y, const int8_t *x,
+                                  const float *xs, uint32_t n_tok, const uint8_t *w, uint32_t rows, uint32_t cols);
 /* BitLinear activation quantization of n_rows rows x [n_rows][cols] into q int8 [n_rows][cols] and
  * the scales s [n_rows] (s = 127 / max(max|x|, 1e-5), q = clamp(round_half_even(x * s), -128, 127)).
  * BN_ERR_ARG for a bad variant. */
@@ -82,8 +88,8 @@ bn_status bn_kernels_attention_head(uint32_t variant, float *out, const float *q
 bn_status bn_kernels_attention_head_f16(uint32_t variant, float *out, const float *q, const float *k, const float *v,
                                         uint64_t stride, uint32_t n_pos, uint32_t D, float scale);
 /* Times `repeats` calls (after one warm-up) of a variant's kernel on random data of that shape:
- * encoding 3/4/5 (I2/TL1/TL2) for the ternary kernels, 0/1/2 for the dense one, 6 (Q8_R) for the q8 head
- * one; n_threads threads split the rows.
+ * encoding 3/4/5 (I2/TL1/TL2) for the ternary kernels, 0/1/2 for the dense one, 6/7/8 (Q8_R/Q6_B/Q4_B)
+ * for the integer heads'; n_threads threads split the rows.
  * Cycles through enough weight copies to read at least min_weight_bytes (0: one copy, cache-warm).
  * seconds[repeats] receives each call's wall time. */
 bn_status bn_kernels_time(uint32_t variant, uint32_t encoding, uint32_t n_threads, uint32_t n_tok, uint32_t rows,

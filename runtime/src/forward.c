@@ -179,7 +179,7 @@ typedef struct {
     const bn_kernels *kern;
     const bn_dense_weight *head;
     const float *x;   /* [n_tok][H] */
-    const int8_t *xq; /* [n_tok][H] x quantized, for a Q8_R head */
+    const int8_t *xq; /* [n_tok][H] x quantized, for an integer (Q8_R, Q6_B, Q4_B) head */
     const float *xs;  /* [n_tok] its scales */
     uint32_t n_tok;
     float *logits;    /* [n_tok][vocab] */
@@ -190,10 +190,9 @@ static void head_worker(void *arg, uint32_t ith, uint32_t nth) {
     const bn_dense_weight *w = task->head;
     uint64_t r0, r1;
     bn_split(w->rows, ith, nth, &r0, &r1);
-    if (w->encoding == BN_ENC_Q8R)
-        task->kern->q8_matmul(task->logits, w->rows, task->xq, w->cols, task->xs, task->n_tok,
-                              bn_q8r_rows(w->data, w->rows), bn_q8r_scales(w->data), w->cols, (uint32_t)r0,
-                              (uint32_t)r1);
+    if (BN_ENC_IS_QUANT(w->encoding))
+        bn_quant_matmul(task->kern, w->encoding, task->logits, w->rows, task->xq, w->cols, task->xs, task->n_tok,
+                        w->data, w->rows, w->cols, (uint32_t)r0, (uint32_t)r1);
     else
         task->kern->dense_matmul(task->logits, w->rows, task->x, w->cols, task->n_tok, w->data, w->encoding,
                                  w->cols, (uint32_t)r0, (uint32_t)r1);
@@ -246,8 +245,9 @@ static uint32_t forward_chunk(bn_context *ctx, const int32_t *tokens, const uint
     const bn_model *m = ctx->model;
     const uint32_t H = m->hp.hidden_size;
     for (uint32_t t = 0; t < n; t++) {
-        if (m->w.embed.encoding == BN_ENC_Q8R)
-            bn_q8r_row_to_f32(ctx->x + t * H, m->w.embed.data, m->w.embed.rows, (uint64_t)tokens[t], H);
+        if (BN_ENC_IS_QUANT(m->w.embed.encoding))
+            bn_quant_row_to_f32(ctx->x + t * H, m->w.embed.data, m->w.embed.encoding, m->w.embed.rows,
+                                (uint64_t)tokens[t], H);
         else
             bn_dense_row_to_f32(ctx->x + t * H, m->w.embed.data, m->w.embed.encoding, (uint64_t)tokens[t], H);
     }
@@ -259,7 +259,7 @@ static uint32_t forward_chunk(bn_context *ctx, const int32_t *tokens, const uint
     for (uint32_t t = 0; t < n; t++)
         if (want[t]) bn_rmsnorm(ctx->xb + (size_t)n_out++ * H, ctx->x + t * H, m->w.norm, H, m->hp.rms_norm_eps);
     if (n_out == 0) return 0;
-    if (m->w.head.encoding == BN_ENC_Q8R) /* per-token absmax int8, like the BitLinear inputs */
+    if (BN_ENC_IS_QUANT(m->w.head.encoding)) /* per-token absmax int8, like the BitLinear inputs */
         for (uint32_t t = 0; t < n_out; t++)
             ctx->xs[t] = bn_quantize_row_i8_sym(ctx->xq + (size_t)t * H, ctx->xb + (size_t)t * H, H);
     head_task task = {ctx->kern, &m->w.head, ctx->xb, ctx->xq, ctx->xs, n_out, logits};

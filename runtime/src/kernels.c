@@ -130,6 +130,38 @@ static void q8_matmul_ref(float *y, size_t ldy, const int8_t *x, size_t ldx, con
     }
 }
 
+/* Q6_B / Q4_B: each block's dot exactly in int32 (|dot| <= 32 * 127 * 32), scaled by its block scale
+ * and summed in int64 (the row's sum may pass 2^31 for long rows). */
+static void qb_matmul_ref(uint32_t encoding, float *y, size_t ldy, const int8_t *x, size_t ldx, const float *xs,
+                          uint32_t n_tok, const uint8_t *w, const float *ws, uint32_t cols, uint32_t r0, uint32_t r1) {
+    const uint32_t nb = bn_qb_blocks(cols);
+    const size_t row_bytes = bn_qb_row_bytes(encoding, cols);
+    for (uint32_t r = r0; r < r1; r++) {
+        const uint8_t *wr = w + (size_t)r * row_bytes;
+        for (uint32_t t = 0; t < n_tok; t++) {
+            const int8_t *xt = x + t * ldx;
+            int64_t acc = 0;
+            for (uint32_t b = 0; b < nb; b++) {
+                const uint32_t n = cols - BN_QB_BLOCK * b < BN_QB_BLOCK ? cols - BN_QB_BLOCK * b : BN_QB_BLOCK;
+                int32_t dot = 0;
+                for (uint32_t k = 0; k < n; k++) dot += xt[BN_QB_BLOCK * b + k] * bn_qb_weight(encoding, wr, nb, b, k);
+                acc += (int64_t)bn_qb_block_scale(encoding, wr, b) * dot;
+            }
+            y[t * ldy + r] = ((float)acc / xs[t]) * ws[r];
+        }
+    }
+}
+
+static void q6_matmul_ref(float *y, size_t ldy, const int8_t *x, size_t ldx, const float *xs, uint32_t n_tok,
+                          const uint8_t *w, const float *ws, uint32_t cols, uint32_t r0, uint32_t r1) {
+    qb_matmul_ref(BN_ENC_Q6B, y, ldy, x, ldx, xs, n_tok, w, ws, cols, r0, r1);
+}
+
+static void q4_matmul_ref(float *y, size_t ldy, const int8_t *x, size_t ldx, const float *xs, uint32_t n_tok,
+                          const uint8_t *w, const float *ws, uint32_t cols, uint32_t r0, uint32_t r1) {
+    qb_matmul_ref(BN_ENC_Q4B, y, ldy, x, ldx, xs, n_tok, w, ws, cols, r0, r1);
+}
+
 const bn_kernels bn_kernels_ref = {
     .name = "ref",
     .i2_matmul = i2_matmul_ref,
@@ -137,6 +169,8 @@ const bn_kernels bn_kernels_ref = {
     .tl2_matmul = tl2_matmul_ref,
     .dense_matmul = dense_matmul_ref,
     .q8_matmul = q8_matmul_ref,
+    .q6_matmul = q6_matmul_ref,
+    .q4_matmul = q4_matmul_ref,
     .quantize_row = bn_quantize_row_i8,
     .attention_head = bn_attention_head,
     .attention_head_f16 = bn_attention_head_f16,
@@ -185,11 +219,11 @@ static const struct {
  * an ISA file does not set yet) would crash the first call, so such a variant is never handed out;
  * the tests that compare the variants offered with the CPU's features then fail. The assertion
  * fails the build when bn_kernels gains an entry that is not checked here. */
-_Static_assert(sizeof(bn_kernels) == sizeof(const char *) + 8 * sizeof(void (*)(void)),
+_Static_assert(sizeof(bn_kernels) == sizeof(const char *) + 10 * sizeof(void (*)(void)),
                "kernels_complete() must check every entry of bn_kernels");
 static int kernels_complete(const bn_kernels *k) {
     return k->name && k->i2_matmul && k->tl1_matmul && k->tl2_matmul && k->dense_matmul && k->q8_matmul &&
-           k->quantize_row && k->attention_head && k->attention_head_f16;
+           k->q6_matmul && k->q4_matmul && k->quantize_row && k->attention_head && k->attention_head_f16;
 }
 
 static int offered(size_t i, const bn_cpu_features *f) {

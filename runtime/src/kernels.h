@@ -30,13 +30,47 @@ static inline size_t bn_tl2_tile_bytes(uint32_t cols) {
     const uint32_t groups = (cols / 3 + 1) / 2;
     return (size_t)BN_TL2_GROUP_BYTES * groups + (cols % 3 ? BN_TL_TILE : 0);
 }
-/* ---- the Q8_R layout (docs/format.md) ----
- * A [rows][cols] matrix as rows f32 row scales (4 * rows bytes, at the tensor's aligned start), then
- * rows x cols int8 (row-major, no padding); element (r, j) stands for q[r][j] * scale[r]. Sizes of every
- * layout: bn_encodings (model_file.h). */
-static inline const float *bn_q8r_scales(const void *data) { return (const float *)data; }
-static inline const int8_t *bn_q8r_rows(const void *data, uint32_t rows) {
-    return (const int8_t *)data + 4 * (size_t)rows;
+/* ---- the integer output-head layouts: Q8_R, Q6_B, Q4_B (docs/format.md) ----
+ * A [rows][cols] matrix is rows f32 row scales scale[r] (4 * rows bytes, at the tensor's aligned
+ * start), then the rows back to back, with no padding between them:
+ * Q8_R: cols int8 q[r][j]; element (r, j) stands for q[r][j] * scale[r].
+ * Q6_B, Q4_B: blocks of BN_QB_BLOCK columns, nb = ceil(cols / 32) per row (the last one padded), in
+ *   groups of BN_QB_GROUP blocks (512 columns; the last group of a row may have fewer blocks). A
+ *   group of n blocks is n u8 block scales s[b], then 16 * n bytes of low nibbles (byte 16i + k of
+ *   them, k < 16: the low 4 bits of the code of column k of the group's block i in the low nibble,
+ *   of column 16 + k in the high one), then, Q6_B only, 8 * n bytes of high bits (byte 8i + m: bits
+ *   4-5 of the code of column 8j + m of block i at bits 2j, 2j + 1, m < 8, j < 4). A code is q + 32
+ *   (Q6_B, q in -32..31) or q + 8 (Q4_B, q in -8..7), so every bit pattern is valid; codes past
+ *   cols are ignored. Element (r, j) stands for (float)(q * s[j / 32]) * scale[r].
+ * Sizes of every layout: bn_encodings (model_file.h). */
+#define BN_QB_BLOCK 32
+#define BN_QB_GROUP 16
+
+static inline const float *bn_quant_scales(const void *data) { return (const float *)data; }
+static inline const uint8_t *bn_quant_rows(const void *data, uint32_t rows) {
+    return (const uint8_t *)data + 4 * (size_t)rows;
+}
+static inline uint32_t bn_qb_blocks(uint32_t cols) { return (cols + BN_QB_BLOCK - 1) / BN_QB_BLOCK; }
+/* Bytes per block: 25 (Q6_B: scale, 16 nibble bytes, 8 high-bit bytes) or 17 (Q4_B). */
+static inline uint32_t bn_qb_block_bytes(uint32_t encoding) { return encoding == BN_ENC_Q6B ? 25 : 17; }
+static inline size_t bn_qb_row_bytes(uint32_t encoding, uint32_t cols) {
+    return (size_t)bn_qb_blocks(cols) * bn_qb_block_bytes(encoding);
+}
+/* What is added to q to make a code: 32 (Q6_B) or 8 (Q4_B). */
+static inline int32_t bn_qb_code_offset(uint32_t encoding) { return encoding == BN_ENC_Q6B ? 32 : 8; }
+/* q of column k (< 32) of block b of a Q6_B or Q4_B row of nb blocks. */
+static inline int32_t bn_qb_weight(uint32_t encoding, const uint8_t *row, uint32_t nb, uint32_t b, uint32_t k) {
+    const uint32_t g = b / BN_QB_GROUP, i = b % BN_QB_GROUP;
+    const uint32_t n = nb - BN_QB_GROUP * g < BN_QB_GROUP ? nb - BN_QB_GROUP * g : BN_QB_GROUP; /* blocks of group g */
+    const uint8_t *group = row + (size_t)BN_QB_GROUP * bn_qb_block_bytes(encoding) * g;
+    const uint8_t nibbles = group[n + 16 * i + k % 16];
+    int32_t code = k < 16 ? nibbles & 15 : nibbles >> 4;
+    if (encoding == BN_ENC_Q6B) code |= ((group[17 * n + 8 * i + k % 8] >> (2 * (k / 8))) & 3) << 4;
+    return code - bn_qb_code_offset(encoding);
+}
+/* The block scale of block b of a Q6_B or Q4_B row. */
+static inline uint32_t bn_qb_block_scale(uint32_t encoding, const uint8_t *row, uint32_t b) {
+    return row[(size_t)BN_QB_GROUP * bn_qb_block_bytes(encoding) * (b / BN_QB_GROUP) + b % BN_QB_GROUP];
 }
 
 /* A Q8_R matmul (the 8-bit output head): y[t*ldy + r] = ((float)dot / xs[t]) * ws[r] for t < n_tok,
@@ -45,6 +79,13 @@ static inline const int8_t *bn_q8r_rows(const void *data, uint32_t rows) {
  * scales s (x ~ q / s); w: the int8 rows, ws: the row scales. */
 typedef void (*bn_q8_matmul_fn)(float *y, size_t ldy, const int8_t *x, size_t ldx, const float *xs, uint32_t n_tok,
                                 const int8_t *w, const float *ws, uint32_t cols, uint32_t r0, uint32_t r1);
+
+/* A Q6_B or Q4_B matmul (the 6- and 4-bit output heads), the same contract with
+ * dot = sum_b s[r][b] * (sum_k x[t*ldx + 32b + k] * q[r][32b + k]) over the row's blocks b and their
+ * columns 32b + k < cols, exactly (int64: one block's dot is exact in int32, the row's sum of scaled
+ * blocks need not be); w: the rows (layout above), ws: the row scales. */
+typedef void (*bn_qb_matmul_fn)(float *y, size_t ldy, const int8_t *x, size_t ldx, const float *xs, uint32_t n_tok,
+                                const uint8_t *w, const float *ws, uint32_t cols, uint32_t r0, uint32_t r1);
 
 /* A ternary matmul: y[t*ldy + r] = sum_j x[t*ldx + j] * w[r][j] exactly in int32, for t < n_tok,
  * r0 <= r < r1. x: int8 activations [n_tok][cols]; w: the whole matrix in the kernel's encoding. */
@@ -66,6 +107,9 @@ typedef struct {
                          uint32_t encoding, uint32_t cols, uint32_t r0, uint32_t r1);
     /* The Q8_R output head (above): exact int32 dots, then one divide and one multiply in float. */
     bn_q8_matmul_fn q8_matmul;
+    /* The Q6_B and Q4_B output heads (above): exact integer dots, then the same float step. */
+    bn_qb_matmul_fn q6_matmul;
+    bn_qb_matmul_fn q4_matmul;
     /* The float operators that profiles of prompt processing showed to matter; bit-identical to
      * their references in ops.h (bn_quantize_row_i8, bn_attention_head), whose float order of
      * operations they follow. */
@@ -104,6 +148,17 @@ static inline bn_ternary_matmul_fn bn_kernels_ternary(const bn_kernels *k, uint3
     }
 }
 
+/* The integer head kernel of a variant for encoding Q8_R, Q6_B or Q4_B (BN_ENC_IS_QUANT) on `data`,
+ * a whole [rows][cols] tensor of that encoding: rows r0 <= r < r1 of y. */
+static inline void bn_quant_matmul(const bn_kernels *k, uint32_t encoding, float *y, size_t ldy, const int8_t *x,
+                                   size_t ldx, const float *xs, uint32_t n_tok, const void *data, uint32_t rows,
+                                   uint32_t cols, uint32_t r0, uint32_t r1) {
+    const uint8_t *w = bn_quant_rows(data, rows);
+    const float *ws = bn_quant_scales(data);
+    if (encoding == BN_ENC_Q8R) k->q8_matmul(y, ldy, x, ldx, xs, n_tok, (const int8_t *)w, ws, cols, r0, r1);
+    else (encoding == BN_ENC_Q6B ? k->q6_matmul : k->q4_matmul)(y, ldy, x, ldx, xs, n_tok, w, ws, cols, r0, r1);
+}
+
 /* The scalar reference; every other variant must agree with it (bit for bit: the float kernels too,
  * as they sum in the same order, with separate multiplies and adds). */
 extern const bn_kernels bn_kernels_ref;
@@ -123,7 +178,7 @@ extern const bn_kernels bn_kernels_avx512vnni;
 #if defined(__aarch64__)
 /* NEON variant, runtime/src/arch/arm/kernels_neon.c: usable on every AArch64 CPU (asimd). */
 extern const bn_kernels bn_kernels_neon;
-/* The same with SDOT for the int8 dot products (I2, Q8_R); only when the CPU reports asimddp. */
+/* The same with SDOT for the int8 dot products (I2 and the integer heads); only when the CPU reports asimddp. */
 extern const bn_kernels bn_kernels_neon_dotprod;
 #endif
 

@@ -29,22 +29,22 @@ const char *bn_kernels_cpu_features(void) { return bn_cpu_features_string(); }
 
 typedef struct {
     const bn_kernels *k;
-    uint32_t encoding; /* I2, TL1, TL2: the ternary kernel; Q8_R: the q8 one; else the dense one */
+    uint32_t encoding; /* I2, TL1, TL2: the ternary kernel; Q8_R, Q6_B, Q4_B: the integer head's; else the dense one */
     void *y;
     const void *x;
     uint32_t n_tok;
     const void *w;
     uint32_t rows, cols;
-    const float *xs; /* Q8_R: the activations' per-token scales */
+    const float *xs; /* integer heads: the activations' per-token scales */
 } run_task;
 
 static void run_worker(void *arg, uint32_t ith, uint32_t nth) {
     const run_task *t = arg;
     uint64_t r0, r1;
     bn_split(t->rows, ith, nth, &r0, &r1);
-    if (t->encoding == BN_ENC_Q8R)
-        t->k->q8_matmul(t->y, t->rows, t->x, t->cols, t->xs, t->n_tok, bn_q8r_rows(t->w, t->rows), bn_q8r_scales(t->w),
-                        t->cols, (uint32_t)r0, (uint32_t)r1);
+    if (BN_ENC_IS_QUANT(t->encoding))
+        bn_quant_matmul(t->k, t->encoding, t->y, t->rows, t->x, t->cols, t->xs, t->n_tok, t->w, t->rows, t->cols,
+                        (uint32_t)r0, (uint32_t)r1);
     else if (BN_ENC_IS_TERNARY(t->encoding))
         bn_kernels_ternary(t->k, t->encoding)(t->y, t->rows, t->x, t->cols, t->n_tok, t->w, t->cols, (uint32_t)r0,
                                               (uint32_t)r1);
@@ -85,19 +85,24 @@ bn_status bn_kernels_ternary_matmul(uint32_t variant, uint32_t encoding, uint32_
 
 bn_status bn_kernels_dense_matmul(uint32_t variant, uint32_t n_threads, float *y, const float *x, uint32_t n_tok,
                                   const void *w, uint32_t encoding, uint32_t rows, uint32_t cols) {
-    if (BN_ENC_IS_TERNARY(encoding) || encoding == BN_ENC_Q8R) return BN_ERR_ARG;
+    if (encoding >= BN_ENC_COUNT || bn_encodings[encoding].kind != BN_KIND_FLOAT) return BN_ERR_ARG;
     run_task task = {NULL, encoding, y, x, n_tok, w, rows, cols, NULL};
+    return run(variant, n_threads, &task);
+}
+
+bn_status bn_kernels_quant_matmul(uint32_t variant, uint32_t encoding, uint32_t n_threads, float *y, const int8_t *x,
+                                  const float *xs, uint32_t n_tok, const uint8_t *w, uint32_t rows, uint32_t cols) {
+    if (!BN_ENC_IS_QUANT(encoding) || (!xs && n_tok)) return BN_ERR_ARG;
+    if (x)
+        for (size_t i = 0; i < (size_t)n_tok * cols; i++)
+            if (x[i] == -128) return BN_ERR_ARG; /* outside the kernels' contract */
+    run_task task = {NULL, encoding, y, x, n_tok, w, rows, cols, xs};
     return run(variant, n_threads, &task);
 }
 
 bn_status bn_kernels_q8_matmul(uint32_t variant, uint32_t n_threads, float *y, const int8_t *x, const float *xs,
                                uint32_t n_tok, const uint8_t *w, uint32_t rows, uint32_t cols) {
-    if (!xs && n_tok) return BN_ERR_ARG;
-    if (x)
-        for (size_t i = 0; i < (size_t)n_tok * cols; i++)
-            if (x[i] == -128) return BN_ERR_ARG; /* outside the kernels' contract */
-    run_task task = {NULL, BN_ENC_Q8R, y, x, n_tok, w, rows, cols, xs};
-    return run(variant, n_threads, &task);
+    return bn_kernels_quant_matmul(variant, BN_ENC_Q8R, n_threads, y, x, xs, n_tok, w, rows, cols);
 }
 
 bn_status bn_kernels_quantize_rows(uint32_t variant, int8_t *q, float *s, const float *x, uint32_t n_rows,
@@ -153,11 +158,11 @@ bn_status bn_kernels_time(uint32_t variant, uint32_t encoding, uint32_t n_thread
                           uint32_t cols, uint32_t repeats, uint64_t min_weight_bytes, double *seconds) {
     const bn_kernels *k = bn_kernels_available(variant);
     if (!k || encoding >= BN_ENC_COUNT || !seconds || rows == 0 || cols == 0 || n_tok == 0) return BN_ERR_ARG;
-    const int q8 = encoding == BN_ENC_Q8R, ternary = BN_ENC_IS_TERNARY(encoding);
+    const int quant = BN_ENC_IS_QUANT(encoding), ternary = BN_ENC_IS_TERNARY(encoding);
     const uint64_t dims[2] = {rows, cols};
     const size_t w_bytes = (size_t)bn_encodings[encoding].nbytes(dims, (uint64_t)rows * cols);
     size_t copies = min_weight_bytes > w_bytes ? (size_t)((min_weight_bytes + w_bytes - 1) / w_bytes) : 1;
-    const size_t x_size = ternary || q8 ? 1 : sizeof(float), y_size = 4;
+    const size_t x_size = ternary || quant ? 1 : sizeof(float), y_size = 4;
     unsigned char *w = malloc(w_bytes * copies);
     unsigned char *x = malloc((size_t)n_tok * cols * x_size);
     unsigned char *y = malloc((size_t)n_tok * rows * y_size);
@@ -169,7 +174,7 @@ bn_status bn_kernels_time(uint32_t variant, uint32_t encoding, uint32_t n_thread
     if (ternary) { /* any bytes: every kernel reads invalid codes as 0, and all bytes cost the same */
         for (size_t i = 0; i < w_bytes * copies; i++) w[i] = (unsigned char)next_rand(&s);
         for (size_t i = 0; i < (size_t)n_tok * cols; i++) x[i] = (unsigned char)next_rand(&s);
-    } else if (q8) { /* random int8 rows with unit row scales, activations in [-127, 127] */
+    } else if (quant) { /* random integer rows (any bytes are valid) with unit row scales, activations in [-127, 127] */
         for (size_t c = 0; c < copies; c++) {
             unsigned char *wc = w + c * w_bytes;
             for (uint32_t r = 0; r < rows; r++) memcpy(wc + 4 * (size_t)r, &(float){1.0f}, 4);

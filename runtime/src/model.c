@@ -14,6 +14,7 @@
 #define ENC_BIT(e) (1u << (e))
 #define ENC_DENSE (ENC_BIT(BN_ENC_F32) | ENC_BIT(BN_ENC_F16) | ENC_BIT(BN_ENC_BF16))
 #define ENC_TERNARY (ENC_BIT(BN_ENC_I2) | ENC_BIT(BN_ENC_TL1) | ENC_BIT(BN_ENC_TL2))
+#define ENC_QUANT (ENC_BIT(BN_ENC_Q8R) | ENC_BIT(BN_ENC_Q6B) | ENC_BIT(BN_ENC_Q4B))
 
 const char *bn_version(void) { return "0.1.0"; }
 
@@ -213,7 +214,7 @@ static bn_status bind_ternary(binder *b, const char *prefix, uint32_t rows, uint
 
 static bn_status bind_dense(binder *b, const char *name, uint32_t rows, uint32_t cols, bn_dense_weight *out) {
     const bn_tensor_rec *t;
-    bn_status st = require_tensor(b, name, ENC_DENSE | ENC_BIT(BN_ENC_Q8R), "F32, F16, BF16 or Q8_R", rows, cols, &t);
+    bn_status st = require_tensor(b, name, ENC_DENSE | ENC_QUANT, "F32, F16, BF16, Q8_R, Q6_B or Q4_B", rows, cols, &t);
     if (st == BN_OK) *out = (bn_dense_weight){t->data, t->encoding, rows, cols};
     return st;
 }

@@ -19,7 +19,8 @@ typedef struct {
     const float *input_norm;  /* [cols] the RMSNorm this BitLinear applies to its input first, or NULL */
 } bn_ternary_weight;
 
-/* Float matrix [rows][cols] in F32, F16 or BF16 (embedding, output head). */
+/* Embedding or output head [rows][cols]: a float matrix (F32, F16, BF16) or an integer one with float
+ * scales (Q8_R, Q6_B, Q4_B). */
 typedef struct {
     const void *data;
     uint32_t encoding;

@@ -131,6 +131,13 @@ static uint64_t nbytes_tl2(const uint64_t *dims, uint64_t numel) {
 static uint64_t nbytes_q8r(const uint64_t *dims, uint64_t numel) { /* 4 * rows + numel <= 5 * numel */
     return numel <= UINT64_MAX / 5 ? 4 * dims[0] + numel : 0;
 }
+/* 4 * rows + rows * row bytes, row bytes <= 25 * cols: <= 29 * numel */
+static uint64_t nbytes_qb(uint32_t encoding, const uint64_t *dims, uint64_t numel) {
+    if (dims[1] > UINT32_MAX || numel > UINT64_MAX / 29) return 0;
+    return 4 * dims[0] + dims[0] * bn_qb_row_bytes(encoding, (uint32_t)dims[1]);
+}
+static uint64_t nbytes_q6b(const uint64_t *dims, uint64_t numel) { return nbytes_qb(BN_ENC_Q6B, dims, numel); }
+static uint64_t nbytes_q4b(const uint64_t *dims, uint64_t numel) { return nbytes_qb(BN_ENC_Q4B, dims, numel); }
 
 const bn_encoding_traits bn_encodings[BN_ENC_COUNT] = {
     [BN_ENC_F32] = {"F32", BN_KIND_FLOAT, 0, 1, nbytes_f32},
@@ -139,7 +146,9 @@ const bn_encoding_traits bn_encodings[BN_ENC_COUNT] = {
     [BN_ENC_I2] = {"I2", BN_KIND_TERNARY, 2, 1, nbytes_i2},
     [BN_ENC_TL1] = {"TL1", BN_KIND_TERNARY, 2, BN_TL_TILE, nbytes_tl1},
     [BN_ENC_TL2] = {"TL2", BN_KIND_TERNARY, 2, BN_TL_TILE, nbytes_tl2},
-    [BN_ENC_Q8R] = {"Q8_R", BN_KIND_Q8, 2, 1, nbytes_q8r},
+    [BN_ENC_Q8R] = {"Q8_R", BN_KIND_QUANT, 2, 1, nbytes_q8r},
+    [BN_ENC_Q6B] = {"Q6_B", BN_KIND_QUANT, 2, 1, nbytes_q6b},
+    [BN_ENC_Q4B] = {"Q4_B", BN_KIND_QUANT, 2, 1, nbytes_q4b},
 };
 
 const char *bn_encoding_name(uint32_t encoding) {

@@ -29,11 +29,11 @@ typedef enum {
 
 /* What the loader, the kernels and the tools know about an encoding (bn_encoding, bitnet.h): one
  * entry per id in bn_encodings (model_file.c); fileformat.ENCODINGS is the same table in Python. */
-typedef enum { BN_KIND_FLOAT, BN_KIND_TERNARY, BN_KIND_Q8 } bn_encoding_kind;
+typedef enum { BN_KIND_FLOAT, BN_KIND_TERNARY, BN_KIND_QUANT } bn_encoding_kind;
 
 typedef struct {
     const char *name;      /* as docs/format.md writes it */
-    bn_encoding_kind kind; /* dense float, ternary BitLinear weight, or int8 rows (the head) */
+    bn_encoding_kind kind; /* dense float, ternary BitLinear weight, or integer rows with float scales (the head) */
     uint32_t n_dims;       /* 2: 2-D tensors only; 0: any */
     uint32_t tile_rows;    /* rows its layout groups together (the last group padded) */
     /* Bytes of a tensor of this shape (numel >= 1 elements); 0 when they do not fit 64 bits. */
@@ -43,6 +43,8 @@ typedef struct {
 extern const bn_encoding_traits bn_encodings[BN_ENC_COUNT];
 
 #define BN_ENC_IS_TERNARY(e) ((e) < BN_ENC_COUNT && bn_encodings[(e)].kind == BN_KIND_TERNARY)
+/* Q8_R, Q6_B, Q4_B: the output head's integer encodings, whose activations are quantized to int8 */
+#define BN_ENC_IS_QUANT(e) ((e) < BN_ENC_COUNT && bn_encodings[(e)].kind == BN_KIND_QUANT)
 
 typedef struct {
     const char *key; /* into the map, key_len bytes, not NUL-terminated */

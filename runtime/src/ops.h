@@ -11,8 +11,9 @@ float bn_bf16_to_f32(uint16_t h);
 uint16_t bn_f32_to_fp16(float f);
 /* out[n] = row `row` of a [rows][n] F32/F16/BF16 matrix, as float. */
 void bn_dense_row_to_f32(float *out, const void *data, uint32_t encoding, uint64_t row, uint32_t n);
-/* out[n] = row `row` of a [rows][n] Q8_R matrix (docs/format.md), dequantized: q[row][i] * scale[row]. */
-void bn_q8r_row_to_f32(float *out, const void *data, uint64_t rows, uint64_t row, uint32_t n);
+/* out[n] = row `row` of a [rows][n] Q8_R, Q6_B or Q4_B matrix (docs/format.md), dequantized:
+ * q[row][i] * scale[row] (Q8_R), (float)(q[row][i] * s[row][i / 32]) * scale[row] (Q6_B, Q4_B). */
+void bn_quant_row_to_f32(float *out, const void *data, uint32_t encoding, uint64_t rows, uint64_t row, uint32_t n);
 
 /* out[n] = x * (1 / sqrt(mean(x^2) + eps)) * w; out may alias x. */
 void bn_rmsnorm(float *out, const float *x, const float *w, uint32_t n, float eps);

@@ -5,6 +5,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "kernels.h"
 #include "model_file.h"
 
 static float f32_from_bits(uint32_t bits) {
@@ -48,11 +49,19 @@ void bn_dense_row_to_f32(float *out, const void *data, uint32_t encoding, uint64
     for (uint32_t i = 0; i < n; i++) out[i] = encoding == BN_ENC_F16 ? bn_fp16_to_f32(src[i]) : bn_bf16_to_f32(src[i]);
 }
 
-void bn_q8r_row_to_f32(float *out, const void *data, uint64_t rows, uint64_t row, uint32_t n) {
+void bn_quant_row_to_f32(float *out, const void *data, uint32_t encoding, uint64_t rows, uint64_t row, uint32_t n) {
     float scale;
     memcpy(&scale, (const uint8_t *)data + 4 * row, sizeof scale);
-    const int8_t *q = (const int8_t *)data + 4 * rows + row * n;
-    for (uint32_t i = 0; i < n; i++) out[i] = (float)q[i] * scale;
+    if (encoding == BN_ENC_Q8R) {
+        const int8_t *q = (const int8_t *)data + 4 * rows + row * n;
+        for (uint32_t i = 0; i < n; i++) out[i] = (float)q[i] * scale;
+        return;
+    }
+    const uint32_t nb = bn_qb_blocks(n);
+    const uint8_t *r = (const uint8_t *)data + 4 * rows + row * bn_qb_row_bytes(encoding, n);
+    for (uint32_t i = 0; i < n; i++)
+        out[i] = (float)(bn_qb_weight(encoding, r, nb, i / BN_QB_BLOCK, i % BN_QB_BLOCK) *
+                         (int32_t)bn_qb_block_scale(encoding, r, i / BN_QB_BLOCK)) * scale;
 }
 
 void bn_rmsnorm(float *out, const float *x, const float *w, uint32_t n, float eps) {

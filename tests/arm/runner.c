@@ -9,6 +9,8 @@
  *   ternary ENC THREADS N_TOK ROWS COLS       + x int8 [n_tok][cols], w [bytes of ENC]  -> y int32 [n_tok][rows]
  *   dense ENC THREADS N_TOK ROWS COLS         + x f32 [n_tok][cols], w [rows][cols]     -> y f32 [n_tok][rows]
  *   q8 THREADS N_TOK ROWS COLS                + x int8, xs f32 [n_tok], w Q8_R          -> y f32 [n_tok][rows]
+ *   quant ENC THREADS N_TOK ROWS COLS         + x int8, xs f32 [n_tok], w [bytes of ENC] -> y f32 [n_tok][rows]
+ *       ENC an integer head encoding: Q8_R, Q6_B or Q4_B.
  *   quantize N_ROWS COLS                      + x f32 [n_rows][cols]       -> q int8 [n_rows][cols], s f32 [n_rows]
  *   attention KV N_POS D STRIDE SCALE_BITS    + q f32 [D], k, v f32 [n_pos][stride]     -> out f32 [D]
  *       KV f32: the float attention kernel; f16: k and v rounded to f16, then the f16 one.
@@ -56,29 +58,32 @@ static void check(bn_status st) {
 }
 
 static int is_ternary(uint32_t enc) { return enc == BN_ENC_I2 || enc == BN_ENC_TL1 || enc == BN_ENC_TL2; }
+static int is_quant(uint32_t enc) { return enc == BN_ENC_Q8R || enc == BN_ENC_Q6B || enc == BN_ENC_Q4B; }
 
 static void matmul(const char *kind, const char *args) {
     const uint32_t nv = bn_kernels_count();
     uint32_t enc = BN_ENC_Q8R, nth, n_tok, rows, cols;
-    const int q8 = strcmp(kind, "q8") == 0, ternary = strcmp(kind, "ternary") == 0;
+    const int q8 = strcmp(kind, "q8") == 0, quant = q8 || strcmp(kind, "quant") == 0;
+    const int ternary = strcmp(kind, "ternary") == 0;
     if (q8 ? sscanf(args, "%" SCNu32 " %" SCNu32 " %" SCNu32 " %" SCNu32, &nth, &n_tok, &rows, &cols) != 4
            : sscanf(args, "%" SCNu32 " %" SCNu32 " %" SCNu32 " %" SCNu32 " %" SCNu32, &enc, &nth, &n_tok, &rows,
                     &cols) != 5)
         fail("bad matmul arguments");
-    if (enc >= BN_ENC_COUNT || ternary != is_ternary(enc) || (!q8 && enc == BN_ENC_Q8R))
+    if (enc >= BN_ENC_COUNT || ternary != is_ternary(enc) || quant != is_quant(enc))
         fail("bad encoding for this request");
     const uint64_t dims[2] = {rows, cols};
     const uint64_t w_bytes = bn_encoding_nbytes(enc, 2, dims);
     if (w_bytes == 0) fail("bad shape for the encoding");
-    const size_t x_bytes = (size_t)n_tok * cols * (ternary || q8 ? 1 : 4), y_bytes = (size_t)n_tok * rows * 4;
+    const size_t x_bytes = (size_t)n_tok * cols * (ternary || quant ? 1 : 4), y_bytes = (size_t)n_tok * rows * 4;
     void *x = read_input(x_bytes);
-    float *xs = q8 ? read_input((size_t)n_tok * 4) : NULL;
+    float *xs = quant ? read_input((size_t)n_tok * 4) : NULL;
     void *w = read_input((size_t)w_bytes);
     unsigned char *y = outputs(nv, y_bytes);
     for (uint32_t v = 0; v < nv; v++) {
         void *yv = y + v * y_bytes;
         if (ternary) check(bn_kernels_ternary_matmul(v, enc, nth, yv, x, n_tok, w, rows, cols));
         else if (q8) check(bn_kernels_q8_matmul(v, nth, yv, x, xs, n_tok, w, rows, cols));
+        else if (quant) check(bn_kernels_quant_matmul(v, enc, nth, yv, x, xs, n_tok, w, rows, cols));
         else check(bn_kernels_dense_matmul(v, nth, yv, x, n_tok, w, enc, rows, cols));
     }
     reply(y, nv, y_bytes);
@@ -183,7 +188,8 @@ int main(void) {
             for (uint32_t v = 0; v < bn_kernels_count(); v++) printf("%s ", bn_kernels_name(v));
             printf("| %s\n", bn_kernels_cpu_features());
             fflush(stdout);
-        } else if (strcmp(line, "ternary") == 0 || strcmp(line, "dense") == 0 || strcmp(line, "q8") == 0) {
+        } else if (strcmp(line, "ternary") == 0 || strcmp(line, "dense") == 0 || strcmp(line, "q8") == 0 ||
+                   strcmp(line, "quant") == 0) {
             matmul(line, args);
         } else if (strcmp(line, "quantize") == 0) {
             quantize(args);

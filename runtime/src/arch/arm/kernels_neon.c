@@ -1,6 +1,6 @@
 /* AArch64 NEON kernels, bit-exact with the scalar reference in runtime/src/kernels.c. Two variants:
  * "neon" (Advanced SIMD, which every AArch64 CPU has) and "neon-dotprod", the same kernels with the
- * int8 dot products of I2 and the Q8_R head done by SDOT (the ARMv8.2 dot-product extension, Linux
+ * int8 dot products of I2 and the integer heads done by SDOT (the ARMv8.2 dot-product extension, Linux
  * HWCAP_ASIMDDP). The SDOT functions carry a target attribute instead of the file being compiled
  * with +dotprod, so the default build runs on every AArch64 CPU; bn_kernels_select() hands them out
  * only when the CPU reports the extension.
@@ -12,12 +12,20 @@
  * zero-padded buffers: codes past `cols` meet zero activations. Up to 4 tokens share each decoded
  * block; one int32 accumulator per token and plane keeps the dependency chains short.
  *
- * Integer dot products (I2, Q8_R): dot16 adds the 16 products of two byte vectors into 4 int32
- * lanes, SDOT in one instruction, plain NEON as a widening multiply (pairs of products in int16)
- * and a pairwise widening add. Which lane gets which product differs, but only the exact sum of
- * the lanes is used, so both give the reference's integers. A pair of products fits in int16
- * because one factor is ternary (I2: |pair| <= 256) or in [-127, 127] (Q8_R activations, the
- * kernel contract: |pair| <= 2 * 127 * 128).
+ * Integer dot products (I2, Q8_R, Q6_B, Q4_B): dot16 adds the 16 products of two byte vectors into
+ * 4 int32 lanes, SDOT in one instruction, plain NEON as a widening multiply (pairs of products in
+ * int16) and a pairwise widening add. Which lane gets which product differs, but only the exact sum
+ * of the lanes is used, so both give the reference's integers. A pair of products fits in int16
+ * because one factor is ternary (I2: |pair| <= 256), in [-127, 127] (Q8_R activations, the kernel
+ * contract: |pair| <= 2 * 127 * 128) or a 6-/4-bit value (|q| <= 32).
+ *
+ * Q6_B / Q4_B matmul (layout in kernels.h): per block, the 16 nibble bytes give columns 0-15 (low
+ * nibbles) and 16-31 (high nibbles); Q6_B's 8 high-bit bytes, duplicated into 16 lanes, are shifted
+ * per lane (vshlq_u8: left 4 / 2 for columns 0-7 / 8-15, 0 / right 2 for 16-23 / 24-31) so that
+ * bits 4-5 land in place; minus the code offset that is q as int8. Two dot16 give the block's sum in
+ * 4 lanes, multiplied by its block scale into a group's int32 accumulator (16 blocks: <= 16 * 8 *
+ * 32 * 128 * 255 per lane), widened to int64 after each group. The last, partial block meets a
+ * zero-padded copy of its activations. Tokens share nothing (a row is re-read from L1 per token).
  *
  * TL1 / TL2 matmul (layouts in kernels.h). As in the AVX2 kernels, lanes are rows: 16 index
  * nibbles of a weight vector select, by one vqtbl1q_u8 each, 16 rows' entries of a pair's (triple's)
@@ -441,6 +449,95 @@ BN_DOTPROD static void q8_matmul_dotprod(float *y, size_t ldy, const int8_t *x, 
     q8_matmul(dot16_sdot, y, ldy, x, ldx, xs, n_tok, w, ws, cols, r0, r1);
 }
 
+/* ---- Q6_B / Q4_B (6- and 4-bit output heads) ---- */
+
+/* The q of block b's columns 0-15 and 16-31 (layout in kernels.h): nibbles, Q6_B's bits 4-5 shifted
+ * into place per byte (columns 8m + i take bits 2m of high byte i), minus the code offset. */
+BN_INLINE void qb_block(uint32_t enc, const uint8_t *nibbles, const uint8_t *high, int8x16_t *q0, int8x16_t *q1) {
+    static const int8_t shift_lo[16] = {4, 4, 4, 4, 4, 4, 4, 4, 2, 2, 2, 2, 2, 2, 2, 2};
+    static const int8_t shift_hi[16] = {0, 0, 0, 0, 0, 0, 0, 0, -2, -2, -2, -2, -2, -2, -2, -2};
+    const uint8x16_t w = vld1q_u8(nibbles);
+    uint8x16_t lo = vandq_u8(w, vdupq_n_u8(15)), hi = vshrq_n_u8(w, 4);
+    if (enc == BN_ENC_Q6B) {
+        const uint8x8_t h = vld1_u8(high);
+        const uint8x16_t hh = vcombine_u8(h, h), m = vdupq_n_u8(0x30);
+        lo = vorrq_u8(lo, vandq_u8(vshlq_u8(hh, vld1q_s8(shift_lo)), m));
+        hi = vorrq_u8(hi, vandq_u8(vshlq_u8(hh, vld1q_s8(shift_hi)), m));
+    }
+    const int8x16_t offset = vdupq_n_s8((int8_t)bn_qb_code_offset(enc));
+    *q0 = vsubq_s8(vreinterpretq_s8_u8(lo), offset);
+    *q1 = vsubq_s8(vreinterpretq_s8_u8(hi), offset);
+}
+
+/* sum_k q_k * x_k of one block into 4 lanes (|q| <= 32: pairs of products fit dot16_neon's int16). */
+BN_INLINE int32x4_t qb_block_dot(dot16_fn dot, uint32_t enc, const uint8_t *nibbles, const uint8_t *high,
+                                 const int8_t *x) {
+    int8x16_t q0, q1;
+    qb_block(enc, nibbles, high, &q0, &q1);
+    return dot(dot(vdupq_n_s32(0), q0, vld1q_s8(x)), q1, vld1q_s8(x + 16));
+}
+
+/* dot(row, xt) of a Q6_B / Q4_B row of nb blocks (kernels.h), exact in int64, a group at a time (16
+ * blocks: int32 lanes <= 16 * 8 * 32 * 128 * 255 < 2^31); the last, partial block against a
+ * zero-padded copy of its activations. */
+BN_INLINE int64_t qb_row(dot16_fn dot, uint32_t enc, const uint8_t *row, uint32_t nb, const int8_t *xt, uint32_t cols) {
+    const size_t group_bytes = (size_t)BN_QB_GROUP * bn_qb_block_bytes(enc);
+    int64_t total = 0;
+    for (uint32_t b0 = 0; b0 < nb; b0 += BN_QB_GROUP) {
+        const uint8_t *group = row + group_bytes * (b0 / BN_QB_GROUP);
+        const uint32_t n = nb - b0 < BN_QB_GROUP ? nb - b0 : BN_QB_GROUP;
+        const uint8_t *nibbles = group + n, *high = group + 17 * n;
+        int32x4_t acc = vdupq_n_s32(0);
+        for (uint32_t i = 0; i < n; i++) {
+            const int8_t *xb = xt + BN_QB_BLOCK * (size_t)(b0 + i);
+            int8_t pad[BN_QB_BLOCK];
+            if (BN_QB_BLOCK * (b0 + i + 1) > cols) { /* the last block, partial */
+                memset(pad, 0, sizeof pad);
+                memcpy(pad, xb, cols - BN_QB_BLOCK * (b0 + i));
+                xb = pad;
+            }
+            acc = vmlaq_n_s32(acc, qb_block_dot(dot, enc, nibbles + 16 * (size_t)i, high + 8 * (size_t)i, xb),
+                              (int32_t)group[i]);
+        }
+        total += vaddlvq_s32(acc);
+    }
+    return total;
+}
+
+BN_INLINE void qb_matmul(dot16_fn dot, uint32_t enc, float *y, size_t ldy, const int8_t *x, size_t ldx,
+                         const float *xs, uint32_t n_tok, const uint8_t *w, const float *ws, uint32_t cols, uint32_t r0,
+                         uint32_t r1) {
+    const uint32_t nb = bn_qb_blocks(cols);
+    const size_t row_bytes = bn_qb_row_bytes(enc, cols);
+    for (uint32_t r = r0; r < r1; r++) {
+        const uint8_t *row = w + (size_t)r * row_bytes;
+        for (uint32_t t = 0; t < n_tok; t++)
+            y[t * ldy + r] = ((float)qb_row(dot, enc, row, nb, x + t * ldx, cols) / xs[t]) * ws[r];
+    }
+}
+
+static void q6_matmul_neon(float *y, size_t ldy, const int8_t *x, size_t ldx, const float *xs, uint32_t n_tok,
+                           const uint8_t *w, const float *ws, uint32_t cols, uint32_t r0, uint32_t r1) {
+    qb_matmul(dot16_neon, BN_ENC_Q6B, y, ldy, x, ldx, xs, n_tok, w, ws, cols, r0, r1);
+}
+
+static void q4_matmul_neon(float *y, size_t ldy, const int8_t *x, size_t ldx, const float *xs, uint32_t n_tok,
+                           const uint8_t *w, const float *ws, uint32_t cols, uint32_t r0, uint32_t r1) {
+    qb_matmul(dot16_neon, BN_ENC_Q4B, y, ldy, x, ldx, xs, n_tok, w, ws, cols, r0, r1);
+}
+
+BN_DOTPROD static void q6_matmul_dotprod(float *y, size_t ldy, const int8_t *x, size_t ldx, const float *xs,
+                                         uint32_t n_tok, const uint8_t *w, const float *ws, uint32_t cols, uint32_t r0,
+                                         uint32_t r1) {
+    qb_matmul(dot16_sdot, BN_ENC_Q6B, y, ldy, x, ldx, xs, n_tok, w, ws, cols, r0, r1);
+}
+
+BN_DOTPROD static void q4_matmul_dotprod(float *y, size_t ldy, const int8_t *x, size_t ldx, const float *xs,
+                                         uint32_t n_tok, const uint8_t *w, const float *ws, uint32_t cols, uint32_t r0,
+                                         uint32_t r1) {
+    qb_matmul(dot16_sdot, BN_ENC_Q4B, y, ldy, x, ldx, xs, n_tok, w, ws, cols, r0, r1);
+}
+
 /* ---- activation quantization and attention (references in ops.h) ---- */
 
 static float quantize_row_neon(int8_t *q, const float *x, uint32_t n) {
@@ -526,6 +623,8 @@ const bn_kernels bn_kernels_neon = {
     .tl2_matmul = tl2_matmul_neon,
     .dense_matmul = dense_matmul_neon,
     .q8_matmul = q8_matmul_neon,
+    .q6_matmul = q6_matmul_neon,
+    .q4_matmul = q4_matmul_neon,
     .quantize_row = quantize_row_neon,
     .attention_head = attention_head_neon,
     .attention_head_f16 = attention_head_f16_neon,
@@ -538,6 +637,8 @@ const bn_kernels bn_kernels_neon_dotprod = {
     .tl2_matmul = tl2_matmul_neon,
     .dense_matmul = dense_matmul_neon,
     .q8_matmul = q8_matmul_dotprod,
+    .q6_matmul = q6_matmul_dotprod,
+    .q4_matmul = q4_matmul_dotprod,
     .quantize_row = quantize_row_neon,
     .attention_head = attention_head_neon,
     .attention_head_f16 = attention_head_f16_neon,

@@ -40,7 +40,22 @@
  * madd(ones) widens the pairs into int32 accumulators. Integer sums are exact in any order, and the
  * final ((float)dot / xs) * ws is the reference's expression, so results are bit-identical. Eight
  * rows share each 32-byte activation load, each row stream prefetched Q8_PREFETCH bytes ahead (8 rows
- * and 512 bytes measured best on the 128256 x 2560 head: ~13 GB/s at 1 thread, like the bf16 kernel). */
+ * and 512 bytes measured best on the 128256 x 2560 head: ~13 GB/s at 1 thread, like the bf16 kernel).
+ *
+ * Q6_B / Q4_B matmul (6- and 4-bit heads; layout in kernels.h). Two blocks at a time: their 32
+ * nibble bytes in one load give, masked, columns 0-15 of both blocks (one per 128-bit half) and,
+ * shifted, columns 16-31; Q6_B's 16 high-bit bytes, each block's 8 copied into two quadwords
+ * (vpermq), are shifted per quadword (vpsllvq / vpsrlvq) so that bits 4-5 land in place. The codes
+ * c = q + offset are unsigned (0..63), so maddubs multiplies them by the signed activations
+ * directly (pair sums <= 2 * 63 * 127: no saturation), and dot = sum(c * x) - offset * sum(x): per
+ * block, sum(x) comes with the activations, which are rearranged once per call (and thread) so that
+ * the two halves of a load meet the right columns. The two maddubs are added in int16 (<= 32004),
+ * and one madd with the blocks' scales (int16, s[2p] in the low half, s[2p+1] in the high one,
+ * picked by pshufb from the group's 16 scale bytes) scales and widens into int32 lanes; every 8
+ * groups (lanes <= 1.6e9) they are widened to int64. Integer sums are exact in any order and the
+ * final float step is the reference's, so results are bit-identical. Up to 4 tokens share each
+ * unpacked pair; rows are read in order, one forward stream (~85-90% of the read bandwidth of one
+ * thread at 1 token on the 128256 x 2560 head, shared machine; software prefetch measured no gain). */
 #if defined(__x86_64__)
 
 #include <immintrin.h>
@@ -699,6 +714,188 @@ BN_AVX2 void bn_q8_matmul_avx2(float *y, size_t ldy, const int8_t *x, size_t ldx
         }
     }
     if (r < r1) bn_kernels_ref.q8_matmul(y, ldy, x, ldx, xs, n_tok, w, ws, cols, r, r1);
+}
+
+/* ---- Q6_B / Q4_B (6- and 4-bit output heads) ---- */
+
+enum {
+    QB_TOKENS = 4,       /* tokens sharing each unpacked pair of blocks */
+    QB_CHUNK = 8,        /* groups summed in int32 before widening to int64 */
+    QB_TOKEN_CHUNK = 64, /* tokens rearranged per pass (bounds the scratch memory) */
+};
+
+/* One token's activations for the pair kernel: per pair p of blocks (64 columns, p < 8 * groups),
+ * 64 bytes at 64p: the columns the pair's low nibbles meet (block 2p columns 0-15, block 2p+1 columns
+ * 0-15), then those its high nibbles meet (columns 16-31 of each); then the blocks' sums of x, int16
+ * [16 * groups]. Zero past cols, so padding columns and blocks add nothing. */
+static size_t qb_token_bytes(uint32_t groups) { return (size_t)groups * BN_QB_GROUP * (BN_QB_BLOCK + 2); }
+
+BN_AVX2 static void qb_arrange(int8_t *dst, const int8_t *x, uint32_t cols, uint32_t groups) {
+    const uint32_t n_pairs = groups * (BN_QB_GROUP / 2);
+    int16_t *sums = (int16_t *)(dst + (size_t)n_pairs * 64);
+    for (uint32_t p = 0; p < n_pairs; p++) {
+        int8_t pad[64];
+        const int8_t *src = pad;
+        if (64 * (p + 1) <= cols) {
+            src = x + 64 * (size_t)p;
+        } else { /* the last columns: a zero-padded copy */
+            memset(pad, 0, sizeof pad);
+            if (64 * p < cols) memcpy(pad, x + 64 * (size_t)p, cols - 64 * p);
+        }
+        const __m256i a = _mm256_loadu_si256((const __m256i *)src), b = _mm256_loadu_si256((const __m256i *)(src + 32));
+        _mm256_storeu_si256((__m256i *)(dst + 64 * (size_t)p), _mm256_permute2x128_si256(a, b, 0x20));
+        _mm256_storeu_si256((__m256i *)(dst + 64 * (size_t)p + 32), _mm256_permute2x128_si256(a, b, 0x31));
+        int32_t s0 = 0, s1 = 0;
+        for (int k = 0; k < 32; k++) s0 += src[k], s1 += src[32 + k];
+        sums[2 * p] = (int16_t)s0, sums[2 * p + 1] = (int16_t)s1;
+    }
+}
+
+/* The codes of two blocks of a group (nibbles: their 32 nibble bytes, high: their 16 high-bit
+ * bytes) as bytes: *lo the columns 0-15 of block 2p (low 128 bits) and of 2p+1 (high 128 bits), *hi
+ * their columns 16-31. */
+BN_AVX2 BN_INLINE void qb_pair_codes(uint32_t enc, const uint8_t *nibbles, const uint8_t *high, __m256i *lo,
+                                     __m256i *hi) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    const __m256i w = _mm256_loadu_si256((const __m256i *)nibbles);
+    *lo = _mm256_and_si256(w, m4), *hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);
+    if (enc == BN_ENC_Q6B) { /* bits 4-5: each block's 8 high-bit bytes in two quadwords, shifted into place */
+        const __m256i h = _mm256_permute4x64_epi64(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)high)), 0x50);
+        const __m256i m2 = _mm256_set1_epi8(0x30);
+        *lo = _mm256_or_si256(*lo, _mm256_and_si256(_mm256_sllv_epi64(h, _mm256_setr_epi64x(4, 2, 4, 2)), m2));
+        *hi = _mm256_or_si256(*hi, _mm256_and_si256(_mm256_srlv_epi64(h, _mm256_setr_epi64x(0, 2, 0, 2)), m2));
+    }
+}
+
+/* sum_k code_k * x_k of the two blocks against one token's arranged pair xp, as 8 int32 lanes per
+ * block scaled by `scales` (int16: s[2p] in the low half, s[2p+1] in the high one). Pair sums of
+ * maddubs are at most 2 * 63 * 127 (no saturation), the two halves' sum at most 32004 in int16, and
+ * madd with scales <= 255 gives lanes <= 2 * 32004 * 255. */
+BN_AVX2 BN_INLINE __m256i qb_pair_dot(__m256i lo, __m256i hi, const int8_t *xp, __m256i scales) {
+    const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xp)),
+                                       _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xp + 32))));
+    return _mm256_madd_epi16(p, scales);
+}
+
+/* The same for a group's last block when it has an odd number, with the 128-bit halves of the steps;
+ * returns the unscaled sum. */
+BN_AVX2 BN_INLINE int32_t qb_single(uint32_t enc, const uint8_t *nibbles, const uint8_t *high, const int8_t *xp) {
+    const __m128i m4 = _mm_set1_epi8(0x0f);
+    const __m128i w = _mm_loadu_si128((const __m128i *)nibbles);
+    __m128i lo = _mm_and_si128(w, m4), hi = _mm_and_si128(_mm_srli_epi16(w, 4), m4);
+    if (enc == BN_ENC_Q6B) {
+        const __m128i h8 = _mm_loadl_epi64((const __m128i *)high), h = _mm_unpacklo_epi64(h8, h8);
+        const __m128i m2 = _mm_set1_epi8(0x30);
+        lo = _mm_or_si128(lo, _mm_and_si128(_mm_sllv_epi64(h, _mm_set_epi64x(2, 4)), m2));
+        hi = _mm_or_si128(hi, _mm_and_si128(_mm_srlv_epi64(h, _mm_set_epi64x(2, 0)), m2));
+    }
+    const __m128i p = _mm_add_epi16(_mm_maddubs_epi16(lo, _mm_loadu_si128((const __m128i *)xp)),
+                                    _mm_maddubs_epi16(hi, _mm_loadu_si128((const __m128i *)(xp + 32))));
+    __m128i s = _mm_madd_epi16(p, _mm_set1_epi16(1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* dot[t] = dot(row, token t) for NT (1..QB_TOKENS) tokens of a Q6_B / Q4_B row (kernels.h), from the
+ * tokens' arranged activations (xp, tstride bytes apart), each pair of blocks unpacked once for all
+ * of them: the codes' dot minus the code offset times sum_b s[b] * sum(x of block b), exact in int64. */
+BN_AVX2 BN_INLINE void qb_row(uint32_t enc, int NT, const uint8_t *row, uint32_t nb, const int8_t *xp, size_t tstride,
+                              uint32_t groups, int64_t *dot) {
+    const size_t sums_at = (size_t)groups * BN_QB_GROUP * BN_QB_BLOCK, group_bytes = (size_t)BN_QB_GROUP * bn_qb_block_bytes(enc);
+    const int shift = enc == BN_ENC_Q6B ? 5 : 3; /* log2 of the code offset */
+    /* pshufb masks: the int16 scale of block 2j (low half) and 2j+1 (high half) of 8 in every lane */
+    const __m256i pick[4] = {
+        _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3),
+        _mm256_setr_epi8(4, 5, 4, 5, 4, 5, 4, 5, 4, 5, 4, 5, 4, 5, 4, 5, 6, 7, 6, 7, 6, 7, 6, 7, 6, 7, 6, 7, 6, 7, 6, 7),
+        _mm256_setr_epi8(8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 8, 9, 10, 11, 10, 11, 10, 11, 10, 11, 10, 11, 10,
+                         11, 10, 11, 10, 11),
+        _mm256_setr_epi8(12, 13, 12, 13, 12, 13, 12, 13, 12, 13, 12, 13, 12, 13, 12, 13, 14, 15, 14, 15, 14, 15, 14,
+                         15, 14, 15, 14, 15, 14, 15, 14, 15),
+    };
+    __m256i acc64[QB_TOKENS];
+    for (int t = 0; t < NT; t++) acc64[t] = _mm256_setzero_si256(), dot[t] = 0;
+    for (uint32_t g0 = 0; g0 < groups; g0 += QB_CHUNK) {
+        __m256i acc[QB_TOKENS], corr[QB_TOKENS];
+        for (int t = 0; t < NT; t++) acc[t] = corr[t] = _mm256_setzero_si256();
+        const uint32_t g1 = groups - g0 < QB_CHUNK ? groups : g0 + QB_CHUNK;
+        for (uint32_t g = g0; g < g1; g++) {
+            const uint8_t *group = row + group_bytes * g;
+            const uint32_t n = nb - BN_QB_GROUP * g < BN_QB_GROUP ? nb - BN_QB_GROUP * g : BN_QB_GROUP;
+            const uint8_t *nibbles = group + n, *high = group + 17 * n;
+            const size_t xg = (size_t)BN_QB_GROUP * BN_QB_BLOCK * g; /* the group's pairs in each token's xp */
+            /* the 16 block scales (past n: the group's next bytes, which meet the zero sums of padding blocks) */
+            const __m256i sc = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)group));
+            for (int t = 0; t < NT; t++) {
+                const __m256i sums = _mm256_loadu_si256((const __m256i *)(xp + t * tstride + sums_at) + g);
+                corr[t] = _mm256_add_epi32(corr[t], _mm256_madd_epi16(sc, sums));
+            }
+            const __m256i half[2] = {_mm256_permute2x128_si256(sc, sc, 0x00), _mm256_permute2x128_si256(sc, sc, 0x11)};
+            for (uint32_t j = 0; j < n / 2; j++) {
+                __m256i lo, hi;
+                qb_pair_codes(enc, nibbles + 32 * (size_t)j, high + 16 * (size_t)j, &lo, &hi);
+                const __m256i scales = _mm256_shuffle_epi8(half[j / 4], pick[j % 4]);
+                for (int t = 0; t < NT; t++)
+                    acc[t] = _mm256_add_epi32(acc[t], qb_pair_dot(lo, hi, xp + t * tstride + xg + 64 * (size_t)j, scales));
+            }
+            if (n % 2)
+                for (int t = 0; t < NT; t++)
+                    dot[t] += (int64_t)group[n - 1] * qb_single(enc, nibbles + 16 * (size_t)(n - 1),
+                                                                high + 8 * (size_t)(n - 1),
+                                                                xp + t * tstride + xg + 32 * (size_t)(n - 1));
+        }
+        /* lanes <= 64 pairs * 2 * 32004 * 255 (codes) + 2^5 * 8 groups * 2 * 255 * 4064 (offset) < 2^31 */
+        for (int t = 0; t < NT; t++) {
+            const __m256i a = _mm256_sub_epi32(acc[t], _mm256_slli_epi32(corr[t], shift));
+            acc64[t] = _mm256_add_epi64(acc64[t], _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(a)),
+                                                                   _mm256_cvtepi32_epi64(_mm256_extracti128_si256(a, 1))));
+        }
+    }
+    for (int t = 0; t < NT; t++) dot[t] += hsum_epi64(acc64[t]);
+}
+
+BN_AVX2 BN_INLINE void qb_matmul_avx2(uint32_t enc, float *y, size_t ldy, const int8_t *x, size_t ldx, const float *xs,
+                                      uint32_t n_tok, const uint8_t *w, const float *ws, uint32_t cols, uint32_t r0,
+                                      uint32_t r1) {
+    if (r0 >= r1 || n_tok == 0) return;
+    const uint32_t nb = bn_qb_blocks(cols), groups = (nb + BN_QB_GROUP - 1) / BN_QB_GROUP;
+    const size_t row_bytes = bn_qb_row_bytes(enc, cols), tstride = qb_token_bytes(groups);
+    const uint32_t chunk = n_tok < QB_TOKEN_CHUNK ? n_tok : QB_TOKEN_CHUNK;
+    int8_t *xp = bn_x86_scratch(chunk * tstride);
+    if (!xp) { /* out of memory: the reference gives the same result */
+        (enc == BN_ENC_Q6B ? bn_kernels_ref.q6_matmul : bn_kernels_ref.q4_matmul)(y, ldy, x, ldx, xs, n_tok, w, ws,
+                                                                                  cols, r0, r1);
+        return;
+    }
+    for (uint32_t t0 = 0; t0 < n_tok; t0 += chunk) {
+        const uint32_t nt = n_tok - t0 < chunk ? n_tok - t0 : chunk;
+        for (uint32_t t = 0; t < nt; t++) qb_arrange(xp + t * tstride, x + (t0 + t) * ldx, cols, groups);
+        for (uint32_t r = r0; r < r1; r++) {
+            const uint8_t *row = w + (size_t)r * row_bytes;
+            for (uint32_t t = 0; t < nt; t += QB_TOKENS) {
+                int64_t dot[QB_TOKENS] = {0}; /* qb_row sets the first NT */
+                const int8_t *xt = xp + t * tstride;
+                switch (nt - t < QB_TOKENS ? nt - t : QB_TOKENS) {
+                case 1: qb_row(enc, 1, row, nb, xt, tstride, groups, dot); break;
+                case 2: qb_row(enc, 2, row, nb, xt, tstride, groups, dot); break;
+                case 3: qb_row(enc, 3, row, nb, xt, tstride, groups, dot); break;
+                default: qb_row(enc, 4, row, nb, xt, tstride, groups, dot); break;
+                }
+                for (uint32_t i = 0; i < QB_TOKENS && t + i < nt; i++)
+                    y[(t0 + t + i) * ldy + r] = ((float)dot[i] / xs[t0 + t + i]) * ws[r];
+            }
+        }
+    }
+}
+
+BN_AVX2 void bn_q6_matmul_avx2(float *y, size_t ldy, const int8_t *x, size_t ldx, const float *xs, uint32_t n_tok,
+                               const uint8_t *w, const float *ws, uint32_t cols, uint32_t r0, uint32_t r1) {
+    qb_matmul_avx2(BN_ENC_Q6B, y, ldy, x, ldx, xs, n_tok, w, ws, cols, r0, r1);
+}
+
+BN_AVX2 void bn_q4_matmul_avx2(float *y, size_t ldy, const int8_t *x, size_t ldx, const float *xs, uint32_t n_tok,
+                               const uint8_t *w, const float *ws, uint32_t cols, uint32_t r0, uint32_t r1) {
+    qb_matmul_avx2(BN_ENC_Q4B, y, ldy, x, ldx, xs, n_tok, w, ws, cols, r0, r1);
 }
 
 /* ---- activation quantization and attention (references in ops.h) ----

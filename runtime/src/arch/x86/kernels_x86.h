@@ -44,6 +44,10 @@ void bn_dense_matmul_avx2(float *y, size_t ldy, const float *x, size_t ldx, uint
                           uint32_t encoding, uint32_t cols, uint32_t r0, uint32_t r1);
 void bn_q8_matmul_avx2(float *y, size_t ldy, const int8_t *x, size_t ldx, const float *xs, uint32_t n_tok,
                        const int8_t *w, const float *ws, uint32_t cols, uint32_t r0, uint32_t r1);
+void bn_q6_matmul_avx2(float *y, size_t ldy, const int8_t *x, size_t ldx, const float *xs, uint32_t n_tok,
+                       const uint8_t *w, const float *ws, uint32_t cols, uint32_t r0, uint32_t r1);
+void bn_q4_matmul_avx2(float *y, size_t ldy, const int8_t *x, size_t ldx, const float *xs, uint32_t n_tok,
+                       const uint8_t *w, const float *ws, uint32_t cols, uint32_t r0, uint32_t r1);
 float bn_quantize_row_avx2(int8_t *q, const float *x, uint32_t n);
 void bn_attention_head_avx2(float *out, const float *q, const float *k, const float *v, uint64_t stride,
                             uint32_t n_pos, uint32_t D, float scale, float *att);
@@ -56,7 +60,8 @@ void bn_attention_head_f16_avx2(float *out, const float *q, const uint16_t *k, c
 #define BN_X86_KERNELS(NAME, I2_MATMUL, DENSE_MATMUL)                                                            \
     {                                                                                                            \
         .name = NAME, .i2_matmul = I2_MATMUL, .tl1_matmul = bn_tl1_matmul_avx2, .tl2_matmul = bn_tl2_matmul_avx2, \
-        .dense_matmul = DENSE_MATMUL, .q8_matmul = bn_q8_matmul_avx2, .quantize_row = bn_quantize_row_avx2,     \
+        .dense_matmul = DENSE_MATMUL, .q8_matmul = bn_q8_matmul_avx2, .q6_matmul = bn_q6_matmul_avx2,           \
+        .q4_matmul = bn_q4_matmul_avx2, .quantize_row = bn_quantize_row_avx2,                                    \
         .attention_head = bn_attention_head_avx2, .attention_head_f16 = bn_attention_head_f16_avx2,              \
     }
 
