@@ -657,50 +657,6 @@ def test_q8r_tensor_survives_the_file(tmp_path):
     assert np.array_equal(q2, q) and np.array_equal(scale2, scale)
 
 
-@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_q8_head_model_runs_and_stays_close_to_bf16(tiny_model_factory, tmp_path, monkeypatch, tied):
-    """A tiny model converted with --head q8 loads, runs bit-identically on every kernel variant, and its
-    logits stay close to the same checkpoint converted with a bf16 head.
-
-    Measured (hidden 128, vocab 384, 2 layers, 4 seeds x 40 tokens, packed checkpoints): the per-token
-    max |dlogit| relative to that token's bf16 logit range (max - min) was at most 0.026 tied (the
-    embedding lookup reads the 8-bit rows too, so the error enters at the input as well) and 0.0085
-    untied (head only); argmax agreement was >= 0.90 tied and >= 0.975 untied (random tiny models have
-    near-tied top logits). Bounds asserted, about 2x the worst measurement: 0.05 tied, 0.02 untied;
-    argmax agreement >= 0.8 tied, 0.9 untied. The transformers parity tests keep the exact head."""
-    from bitnet_run import Model
-    from bitnet_run.convert import convert_checkpoint
-
-    built = tiny_model_factory(fmt="packed", hidden=128, heads=4, kv_heads=2, tied=tied, seed=11)
-    bf16 = convert_checkpoint(built.checkpoint, tmp_path / "bf16.bnr", head="bf16")
-    q8 = convert_checkpoint(built.checkpoint, tmp_path / "q8.bnr", head="q8")
-    head_name = "model.embed_tokens.weight" if tied else "lm_head.weight"
-    header = ff.read_header(q8)
-    assert header.tensor(head_name).encoding == ff.ENCODING_Q8R
-    if not tied:  # an untied embedding keeps the checkpoint's dtype
-        assert header.tensor("model.embed_tokens.weight").encoding != ff.ENCODING_Q8R
-    tokens = [int(t) for t in np.random.default_rng(8).integers(0, 200, size=40)]
-    results = {}
-    for name in VARIANTS:
-        monkeypatch.setenv("BITNET_RUN_KERNELS", name)
-        model = Model(q8, n_threads=2)
-        results[name] = _raw_eval(model, tokens)
-        del model
-    ref = results["ref"]
-    assert np.all(np.isfinite(ref))
-    for name, got in results.items():
-        np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32), err_msg=name)
-    monkeypatch.setenv("BITNET_RUN_KERNELS", "ref")
-    model = Model(bf16, n_threads=2)
-    exact = _raw_eval(model, tokens)
-    del model
-    rel = np.abs(ref - exact).max(axis=1) / (exact.max(axis=1) - exact.min(axis=1))
-    agree = np.mean(ref.argmax(axis=1) == exact.argmax(axis=1))
-    assert rel.max() <= (0.05 if tied else 0.02), rel.max()
-    assert agree >= (0.8 if tied else 0.9), agree
-    assert rel.max() > 0  # the head really is 8-bit
-
-
 def test_q8_head_file_is_smaller_and_converter_rejects_unknown_head(tiny_model, tmp_path):
     from bitnet_run.convert import convert_checkpoint
 

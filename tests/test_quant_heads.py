@@ -277,15 +277,16 @@ def test_qb_tensor_survives_the_file(tmp_path, encoding):
 # and 0.082 / 0.78 untied (q8 there: 0.027 / 0.93 and 0.008 / 0.93). The bounds are about twice the
 # distance and near-tied top logits of random tiny models make argmax agreement coarse.
 HEAD_BOUNDS = {  # (head, tied): (largest relative |dlogit|, smallest argmax agreement)
+    ("q8", True): (0.05, 0.8), ("q8", False): (0.02, 0.9),
     ("q6", True): (0.10, 0.8), ("q6", False): (0.04, 0.85),
     ("q4", True): (0.38, 0.55), ("q4", False): (0.16, 0.65),
 }
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-@pytest.mark.parametrize("head", ["q6", "q4"])
-def test_qb_head_model_runs_and_stays_close_to_bf16(tiny_model_factory, tmp_path, monkeypatch, head, tied):
-    """A tiny model converted with --head q6 / q4 loads, runs bit-identically on every kernel variant
+@pytest.mark.parametrize("head", ["q8", "q6", "q4"])
+def test_quant_head_model_runs_and_stays_close_to_bf16(tiny_model_factory, tmp_path, monkeypatch, head, tied):
+    """A tiny model converted with --head q8 / q6 / q4 loads, runs bit-identically on every kernel variant
     (head and, when tied, the embedding lookup), and its logits stay near the bf16-head ones."""
     from bitnet_run import Model
     from bitnet_run.convert import convert_checkpoint

@@ -95,18 +95,10 @@ static void tl2_matmul_ref(int32_t *y, size_t ldy, const int8_t *x, size_t ldx, 
     }
 }
 
-/* Column j of a dense row as a float (exact widening). */
-static float dense_elem(uint32_t encoding, const void *w, size_t j) {
-    if (encoding == BN_ENC_F32) return ((const float *)w)[j];
-    if (encoding == BN_ENC_F16) return bn_fp16_to_f32(((const uint16_t *)w)[j]);
-    return bn_bf16_to_f32(((const uint16_t *)w)[j]);
-}
-
 /* dot(x, w) in the order of kernels.h (BN_DENSE_LANES lane sums, then folded). */
 static float dense_dot_ref(uint32_t encoding, const float *x, const void *w, uint32_t n) {
     float s[BN_DENSE_LANES] = {0};
-    for (uint32_t j = 0; j < n; j++) s[j % BN_DENSE_LANES] += x[j] * dense_elem(encoding, w, j);
-    return bn_dense_fold(s);
+    return bn_dense_finish(s, x, w, encoding, 0, n);
 }
 
 static void dense_matmul_ref(float *y, size_t ldy, const float *x, size_t ldx, uint32_t n_tok, const void *w,

@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "model_file.h"
+#include "ops.h"
 
 /* ---- the TL1 / TL2 layouts (docs/format.md) ----
  * Both group the rows into tiles of BN_TL_TILE rows (the last tile padded with zero-weight rows), a
@@ -131,8 +132,20 @@ typedef struct {
  * needs no transpose and each row and token is 16 independent add chains. */
 #define BN_DENSE_LANES 16
 
-/* Folds the lane sums s[BN_DENSE_LANES] as above (s is overwritten). */
-static inline float bn_dense_fold(float s[BN_DENSE_LANES]) {
+/* Element i of a dense F32 / F16 / BF16 array as a float (exact widening). */
+static inline float bn_dense_elem(uint32_t encoding, const void *w, size_t i) {
+    if (encoding == BN_ENC_F32) return ((const float *)w)[i];
+    if (encoding == BN_ENC_F16) return bn_fp16_to_f32(((const uint16_t *)w)[i]);
+    return bn_bf16_to_f32(((const uint16_t *)w)[i]);
+}
+
+/* The end of one dot product in the order above: adds the products of columns j0 <= j < cols (x the
+ * token's activations, w the row) to the lane sums s[BN_DENSE_LANES], then folds the lanes (s is
+ * overwritten). The reference starts at j0 = 0 with zero lanes; a SIMD kernel stores its vectors'
+ * lanes and passes the first column it did not cover. */
+static inline float bn_dense_finish(float s[BN_DENSE_LANES], const float *x, const void *w, uint32_t encoding,
+                                    uint32_t j0, uint32_t cols) {
+    for (uint32_t j = j0; j < cols; j++) s[j % BN_DENSE_LANES] += x[j] * bn_dense_elem(encoding, w, j);
     for (int h = BN_DENSE_LANES / 2; h > 0; h /= 2)
         for (int l = 0; l < h; l++) s[l] += s[l + h];
     return s[0];

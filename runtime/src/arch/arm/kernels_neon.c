@@ -368,9 +368,8 @@ BN_INLINE void dense_rows(int enc, int R, int NT, float *y, size_t ldy, const fl
         for (int t = 0; t < NT; t++) {
             float s[BN_DENSE_LANES];
             for (int q = 0; q < 4; q++) vst1q_f32(s + 4 * q, acc[i][t][q]);
-            const float *xt = x + t * ldx;
-            for (uint32_t j = cols16; j < cols; j++) s[j % BN_DENSE_LANES] += xt[j] * dense_at(enc, w, (size_t)(r + i) * cols + j);
-            y[t * ldy + r + i] = bn_dense_fold(s);
+            const size_t esize = enc == BN_ENC_F32 ? 4 : 2;
+            y[t * ldy + r + i] = bn_dense_finish(s, x + t * ldx, (const char *)w + (size_t)(r + i) * cols * esize, enc, cols16, cols);
         }
 }
 

@@ -577,12 +577,6 @@ BN_AVX2 BN_INLINE void dense_load16(int enc, const void *w, size_t i, __m256 *lo
     *hi = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h1), 16));
 }
 
-BN_AVX2 BN_INLINE float dense_at(int enc, const void *w, size_t i) {
-    if (enc == BN_ENC_F32) return ((const float *)w)[i];
-    if (enc == BN_ENC_F16) return bn_fp16_to_f32(((const uint16_t *)w)[i]);
-    return bn_bf16_to_f32(((const uint16_t *)w)[i]);
-}
-
 /* Rows r .. r+R-1 for tokens 0 .. NT-1 of x (rows ldx apart) into y (rows ldy apart). */
 BN_AVX2 BN_INLINE void dense_rows(int enc, int R, int NT, float *y, size_t ldy, const float *x, size_t ldx,
                                   const void *w, uint32_t cols, uint32_t r) {
@@ -610,9 +604,7 @@ BN_AVX2 BN_INLINE void dense_rows(int enc, int R, int NT, float *y, size_t ldy, 
             float s[BN_DENSE_LANES];
             _mm256_storeu_ps(s, lo[i][t]);
             _mm256_storeu_ps(s + 8, hi[i][t]);
-            const float *xt = x + t * ldx;
-            for (uint32_t j = cols16; j < cols; j++) s[j % BN_DENSE_LANES] += xt[j] * dense_at(enc, w, (size_t)(r + i) * cols + j);
-            y[t * ldy + r + i] = bn_dense_fold(s);
+            y[t * ldy + r + i] = bn_dense_finish(s, x + t * ldx, (const char *)w + (size_t)(r + i) * cols * esize, enc, cols16, cols);
         }
 }
 

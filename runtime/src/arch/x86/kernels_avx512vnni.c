@@ -151,12 +151,6 @@ BN_AVX512VNNI BN_INLINE __m512 dense_load16(int enc, const void *w, size_t i) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); /* BF16 */
 }
 
-BN_AVX512VNNI BN_INLINE float dense_at(int enc, const void *w, size_t i) {
-    if (enc == BN_ENC_F32) return ((const float *)w)[i];
-    if (enc == BN_ENC_F16) return bn_fp16_to_f32(((const uint16_t *)w)[i]);
-    return bn_bf16_to_f32(((const uint16_t *)w)[i]);
-}
-
 /* Rows r .. r+R-1 for tokens 0 .. NT-1 of x (rows ldx apart) into y (rows ldy apart). */
 BN_AVX512VNNI BN_INLINE void dense_rows(int enc, int R, int NT, float *y, size_t ldy, const float *x, size_t ldx,
                                         const void *w, uint32_t cols, uint32_t r) {
@@ -180,9 +174,7 @@ BN_AVX512VNNI BN_INLINE void dense_rows(int enc, int R, int NT, float *y, size_t
         for (int t = 0; t < NT; t++) {
             float s[BN_DENSE_LANES];
             _mm512_storeu_ps(s, acc[i][t]);
-            const float *xt = x + t * ldx;
-            for (uint32_t j = cols16; j < cols; j++) s[j % BN_DENSE_LANES] += xt[j] * dense_at(enc, w, (size_t)(r + i) * cols + j);
-            y[t * ldy + r + i] = bn_dense_fold(s);
+            y[t * ldy + r + i] = bn_dense_finish(s, x + t * ldx, (const char *)w + (size_t)(r + i) * cols * esize, enc, cols16, cols);
         }
 }
 
