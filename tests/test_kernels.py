@@ -493,6 +493,24 @@ def _raw_eval(model, tokens) -> np.ndarray:
     return np.concatenate([logits, step[None]], axis=0)
 
 
+def logits_identical_across_variants(monkeypatch, path, tokens) -> np.ndarray:
+    """The model's _raw_eval logits under every kernel variant, asserted finite and bit-identical to
+    the reference's; returns the reference's."""
+    from bitnet_run import Model
+
+    results = {}
+    for name in VARIANTS:
+        monkeypatch.setenv("BITNET_RUN_KERNELS", name)
+        model = Model(path, n_threads=2)
+        results[name] = _raw_eval(model, tokens)
+        del model
+    ref = results["ref"]
+    assert np.all(np.isfinite(ref))
+    for name, got in results.items():
+        np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32), err_msg=name)
+    return ref
+
+
 @pytest.mark.parametrize("weights", ["i2", "tl1", "tl2"])
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_model_logits_identical_across_variants(tiny_model_factory, monkeypatch, tied, weights):
@@ -500,16 +518,7 @@ def test_model_logits_identical_across_variants(tiny_model_factory, monkeypatch,
 
     built = tiny_model_factory(fmt="packed", hidden=128, heads=4, kv_heads=2, tied=tied, seed=11, weights=weights)
     tokens = [int(t) for t in np.random.default_rng(5).integers(0, 200, size=13)]
-    results = {}
-    for name in VARIANTS:
-        monkeypatch.setenv("BITNET_RUN_KERNELS", name)
-        model = Model(built.path, n_threads=2)
-        results[name] = _raw_eval(model, tokens)
-        del model
-    ref = results["ref"]
-    assert np.all(np.isfinite(ref))
-    for name, got in results.items():
-        np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32), err_msg=name)
+    ref = logits_identical_across_variants(monkeypatch, built.path, tokens)
     if weights != "i2":  # the same checkpoint as I2 weights: the same integer products, so the same logits
         i2 = tiny_model_factory(fmt="packed", hidden=128, heads=4, kv_heads=2, tied=tied, seed=11)
         monkeypatch.setenv("BITNET_RUN_KERNELS", "ref")
