@@ -430,18 +430,55 @@ def test_dense_reference_close_to_numpy(encoding):
     assert np.all(np.abs(dense_matmul(0, x, w, encoding) - exact) <= 1e-5 * scale)
 
 
+def fma_f32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """C's fmaf elementwise on float32 arrays: a * b + c rounded once to float32 (to nearest, ties
+    to even). a * b is exact in float64 (24 + 24 significant bits < 53); a + c in float64 rounds,
+    but TwoSum gives its exact error, and rounding that float64 sum to float32 can only differ from
+    rounding the exact value when the sum lands exactly halfway between two float32s: then the
+    error's sign picks the side."""
+    p = a.astype(np.float64) * b.astype(np.float64)
+    c64 = c.astype(np.float64)
+    s = p + c64
+    v = s - p
+    err = (p - (s - v)) + (c64 - v)
+    r = s.astype(np.float32)
+    r64 = r.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        other = np.nextafter(r, np.where(s > r64, np.float32(np.inf), np.float32(-np.inf)))
+        halfway = (s != r64) & (np.abs(s - r64) == np.abs(other.astype(np.float64) - s))
+    toward_err = np.where(err > 0, np.maximum(r, other), np.minimum(r, other))
+    return np.where(halfway & (err != 0), toward_err, r)
+
+
 def dense_in_documented_order(x: np.ndarray, w: np.ndarray, encoding: int) -> np.ndarray:
-    """The reference's order (runtime/src/kernels.h, BN_DENSE_LANES) in numpy float32, whose elementwise
-    multiply and add round like C's: lane l sums x[j] * w[j] for j = l (mod 16) in increasing j, then
-    the lanes are folded in halves (s[l] += s[l + 8], + 4, + 2, + 1)."""
+    """The reference's order (runtime/src/kernels.h, BN_DENSE_LANES) in numpy: lane l accumulates
+    fmaf(x[j], w[j], s[l]) for j = l (mod 16) in increasing j, then the lanes are folded in halves
+    (s[l] += s[l + 8], + 4, + 2, + 1) in float32, whose elementwise add rounds like C's."""
     wf = dense_as_f32(w, encoding).astype(np.float32)  # exact: every encoding widens into float32
     lanes = np.zeros((x.shape[0], w.shape[0], 16), dtype=np.float32)
     for j0 in range(0, x.shape[1], 16):
-        p = x[:, None, j0:j0 + 16] * wf[None, :, j0:j0 + 16]
-        lanes[:, :, :p.shape[2]] += p
+        n = min(16, x.shape[1] - j0)
+        lanes[:, :, :n] = fma_f32(x[:, None, j0:j0 + n], wf[None, :, j0:j0 + n], lanes[:, :, :n])
     for h in (8, 4, 2, 1):
         lanes[:, :, :h] += lanes[:, :, h:2 * h]
     return lanes[:, :, 0]
+
+
+def test_fma_model_rounds_once():
+    """The numpy fmaf model on cases whose exact answers are worked out by hand (u = 2^-23, the
+    float32 ulp at 1): 2^-24 + 1 is exactly halfway between 1 and 1 + u, so ties to even give 1;
+    (1 + u) * 2^-24 * (1 - u) + (1 + u) = 1 + 1.5u - 2^-70 lies just below the midpoint 1 + 1.5u,
+    so 1 + u, where the float64 sum (exactly that midpoint) rounded to even would give 1 + 2u; and
+    (1 + 2^-12)^2 - 1 = 2^-11 + 2^-24 exactly, where a separate multiply would round the square to
+    1 + 2^-11 first."""
+    u = 2.0 ** -23
+    a = np.array([2.0 ** -24, 1 + u, 1 + 2.0 ** -12], dtype=np.float32)
+    b = np.array([1, 2.0 ** -24 * (1 - u), 1 + 2.0 ** -12], dtype=np.float32)
+    c = np.array([1, 1 + u, -1], dtype=np.float32)
+    expected = np.array([1, 1 + u, 2.0 ** -11 + 2.0 ** -24], dtype=np.float32)
+    np.testing.assert_array_equal(fma_f32(a, b, c), expected)
+    assert np.float32(a[1].astype(np.float64) * b[1] + c[1]) == np.float32(1 + 2 * u)  # the naive rounding
+    assert a[2] * b[2] + c[2] == np.float32(2.0 ** -11)  # separate multiply and add
 
 
 @pytest.mark.parametrize("encoding", [ENC_F32, ENC_F16, ENC_BF16], ids=["f32", "f16", "bf16"])

@@ -176,7 +176,7 @@ static int usable_always(const bn_cpu_features *f) {
 }
 
 #if defined(__x86_64__)
-static int usable_avx2(const bn_cpu_features *f) { return f->avx2 && f->f16c; }
+static int usable_avx2(const bn_cpu_features *f) { return f->avx2 && f->f16c && f->fma; }
 static int usable_avx512vnni(const bn_cpu_features *f) { return usable_avx2(f) && f->avx512bw && f->avx512vnni; }
 #ifdef BN_AVXVNNI_EVEX /* the test-only build of kernels_avxvnni.c */
 static int usable_avxvnni(const bn_cpu_features *f) { return usable_avx2(f) && f->avx512vnni && f->avx512vl; }

@@ -4,6 +4,7 @@
 #ifndef BN_KERNELS_H
 #define BN_KERNELS_H
 
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -126,10 +127,15 @@ typedef struct {
 /* ---- the dense dot product's order ----
  * Every dense_matmul variant sums in this order, so that they agree bit for bit: BN_DENSE_LANES
  * partial sums, lane l taking the products x[j] * w[j] of the columns j = l (mod 16) in increasing j
- * (each product rounded to float, then added; no fused multiply-add), then the lanes folded in
- * halves, s[l] += s[l + 8], s[l] += s[l + 4], s[l] += s[l + 2], s[0] + s[1]. The lanes are what two
- * AVX2 (one AVX-512, four NEON) vectors hold when they load 16 consecutive columns, so a SIMD kernel
- * needs no transpose and each row and token is 16 independent add chains. */
+ * as fused multiply-adds, s[l] = fmaf(x[j], w[j], s[l]) (one rounding per column), then the lanes
+ * folded in halves, s[l] += s[l + 8], s[l] += s[l + 4], s[l] += s[l + 2], s[0] + s[1]. The lanes are
+ * what two AVX2 (one AVX-512, four NEON) vectors hold when they load 16 consecutive columns, so a
+ * SIMD kernel needs no transpose and each row and token is 16 independent chains of one FMA
+ * instruction per vector (vfmadd, FMLA): half the float instructions of a multiply then an add,
+ * which is what bounds the head when several tokens share each weight vector (batched decoding).
+ * The reference's fmaf is correctly rounded on every CPU (libm emulates it where there is no FMA
+ * unit). A NaN anywhere in a row or token gives a NaN logit; which NaN (its payload) may differ
+ * between variants. */
 #define BN_DENSE_LANES 16
 
 /* Element i of a dense F32 / F16 / BF16 array as a float (exact widening). */
@@ -145,7 +151,7 @@ static inline float bn_dense_elem(uint32_t encoding, const void *w, size_t i) {
  * lanes and passes the first column it did not cover. */
 static inline float bn_dense_finish(float s[BN_DENSE_LANES], const float *x, const void *w, uint32_t encoding,
                                     uint32_t j0, uint32_t cols) {
-    for (uint32_t j = j0; j < cols; j++) s[j % BN_DENSE_LANES] += x[j] * bn_dense_elem(encoding, w, j);
+    for (uint32_t j = j0; j < cols; j++) s[j % BN_DENSE_LANES] = fmaf(x[j], bn_dense_elem(encoding, w, j), s[j % BN_DENSE_LANES]);
     for (int h = BN_DENSE_LANES / 2; h > 0; h /= 2)
         for (int l = 0; l < h; l++) s[l] += s[l + h];
     return s[0];
@@ -177,8 +183,8 @@ static inline void bn_quant_matmul(const bn_kernels *k, uint32_t encoding, float
 extern const bn_kernels bn_kernels_ref;
 
 #if defined(__x86_64__)
-/* AVX2 (+F16C) variant, runtime/src/arch/x86/kernels_avx2.c; compiled with target attributes, so the
- * default build stays portable. Call only when bn_cpu_get_features() reports avx2 and f16c. */
+/* AVX2 (+F16C, FMA) variant, runtime/src/arch/x86/kernels_avx2.c; compiled with target attributes, so the
+ * default build stays portable. Call only when bn_cpu_get_features() reports avx2, f16c and fma. */
 extern const bn_kernels bn_kernels_avx2;
 /* AVX-VNNI variant (its own I2 GEMM with ymm vpdpbusd, the AVX2 kernels otherwise),
  * kernels_avxvnni.c. Call only when bn_cpu_get_features() reports avxvnni and what AVX2 needs. */

@@ -40,8 +40,7 @@
  *
  * Dense matmul (output head). The reference's order (kernels.h) puts column j in lane j % 16, so
  * four vectors loaded from 16 consecutive columns are the 16 lane sums of one row and token: acc =
- * acc + x * w (never a fused multiply-add; the build passes -ffp-contract=off), with the reference's
- * operand order (which decides the NaN that propagates), folded as the reference does at the end.
+ * fma(x, w, acc) (FMLA, the reference's fmaf), folded as the reference does at the end.
  * Each widened weight vector serves up to 4 tokens; a single token takes 2 rows at once (8 chains).
  *
  * Activation quantization and attention follow ops.h's references: max|x| is exact in any order
@@ -362,7 +361,7 @@ BN_INLINE void dense_rows(int enc, int R, int NT, float *y, size_t ldy, const fl
             for (int q = 0; q < 4; q++) wv[q] = dense_load4(enc, w, (size_t)(r + i) * cols + j + 4 * q);
             for (int t = 0; t < NT; t++)
                 for (int q = 0; q < 4; q++)
-                    acc[i][t][q] = vaddq_f32(acc[i][t][q], vmulq_f32(vld1q_f32(x + t * ldx + j + 4 * q), wv[q]));
+                    acc[i][t][q] = vfmaq_f32(acc[i][t][q], vld1q_f32(x + t * ldx + j + 4 * q), wv[q]);
         }
     for (int i = 0; i < R; i++)
         for (int t = 0; t < NT; t++) {

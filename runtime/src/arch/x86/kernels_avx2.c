@@ -1,4 +1,4 @@
-/* AVX2 (+F16C) kernels, bit-exact with the scalar reference in runtime/src/kernels.c.
+/* AVX2 (+F16C, FMA) kernels, bit-exact with the scalar reference in runtime/src/kernels.c.
  *
  * Every function here carries BN_AVX2 (a target attribute) instead of the file being compiled with
  * -mavx2: cffi builds all sources with the same flags, and the default build must run on CPUs
@@ -29,7 +29,7 @@
  *
  * Dense matmul (output head). The reference's order (kernels.h, bn_dense_dot) puts column j in lane
  * j % 16, so two ymm vectors loaded from 16 consecutive columns are the 16 lane sums of one row and
- * token: acc = acc + x * w (mulps + addps, never FMA) per vector, and the lanes are folded in the
+ * token: acc = fma(x, w, acc) (vfmadd, the reference's fmaf) per vector, and the lanes are folded in the
  * reference's halves at the end. A call takes R rows x NT tokens, R * NT * 2 independent add chains
  * in registers; each converted weight vector serves NT tokens.
  *
@@ -69,7 +69,7 @@
 #include "model_file.h"
 #include "ops.h"
 
-#define BN_AVX2 __attribute__((target("avx2,f16c")))
+#define BN_AVX2 __attribute__((target("avx2,f16c,fma")))
 #define BN_INLINE static inline __attribute__((always_inline))
 
 enum {
@@ -594,8 +594,8 @@ BN_AVX2 BN_INLINE void dense_rows(int enc, int R, int NT, float *y, size_t ldy, 
             dense_load16(enc, w, (size_t)(r + i) * cols + j, &wl, &wh);
             for (int t = 0; t < NT; t++) {
                 const float *xt = x + t * ldx + j;
-                lo[i][t] = _mm256_add_ps(lo[i][t], _mm256_mul_ps(_mm256_loadu_ps(xt), wl));
-                hi[i][t] = _mm256_add_ps(hi[i][t], _mm256_mul_ps(_mm256_loadu_ps(xt + 8), wh));
+                lo[i][t] = _mm256_fmadd_ps(_mm256_loadu_ps(xt), wl, lo[i][t]);
+                hi[i][t] = _mm256_fmadd_ps(_mm256_loadu_ps(xt + 8), wh, hi[i][t]);
             }
         }
     }

@@ -2,7 +2,7 @@
  * and the dense head have kernels of their own here; the other entries are the AVX2 variant's
  * (kernels_x86.h).
  * Like kernels_avx2.c, every function carries a target attribute (BN_AVX512VNNI) and is handed out
- * by bn_kernels_select() only when the CPU and OS support avx512f/bw/vnni (and avx2/f16c, for the
+ * by bn_kernels_select() only when the CPU and OS support avx512f/bw/vnni (and avx2/f16c/fma, for the
  * reused kernels).
  *
  * I2 matmul, a register-tiled GEMM for prompt batches. One step reads 64 weight bytes (256
@@ -31,7 +31,7 @@
 #include "model_file.h"
 #include "ops.h"
 
-#define BN_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,f16c")))
+#define BN_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,f16c,fma")))
 #define BN_INLINE static inline __attribute__((always_inline))
 
 enum {
@@ -167,7 +167,7 @@ BN_AVX512VNNI BN_INLINE void dense_rows(int enc, int R, int NT, float *y, size_t
         for (int t = 0; t < NT; t++) xv[t] = _mm512_loadu_ps(x + t * ldx + j);
         for (int i = 0; i < R; i++) {
             const __m512 wv = dense_load16(enc, w, (size_t)(r + i) * cols + j);
-            for (int t = 0; t < NT; t++) acc[i][t] = _mm512_add_ps(acc[i][t], _mm512_mul_ps(xv[t], wv));
+            for (int t = 0; t < NT; t++) acc[i][t] = _mm512_fmadd_ps(xv[t], wv, acc[i][t]);
         }
     }
     for (int i = 0; i < R; i++)
