@@ -153,16 +153,23 @@ BN_AVX512VNNI BN_INLINE __m512 dense_load16(int enc, const void *w, size_t i) {
 
 /* Rows r .. r+R-1 for tokens 0 .. NT-1 of x (rows ldx apart) into y (rows ldy apart). */
 BN_AVX512VNNI BN_INLINE void dense_rows(int enc, int R, int NT, float *y, size_t ldy, const float *x, size_t ldx,
-                                        const void *w, uint32_t cols, uint32_t r) {
+                                        const void *w, uint32_t cols, uint32_t r, uint32_t pass, uint32_t n_pass,
+                                        uint32_t r_end) {
     __m512 acc[D512_ROWS_1][D512_TOKENS];
     for (int i = 0; i < R; i++)
         for (int t = 0; t < NT; t++) acc[i][t] = _mm512_setzero_ps();
     const uint32_t cols16 = cols / BN_DENSE_LANES * BN_DENSE_LANES;
     const size_t esize = enc == BN_ENC_F32 ? 4 : 2;
     for (uint32_t j = 0; j < cols16; j += BN_DENSE_LANES) {
-        if ((j * esize) % 64 == 0) /* a line ahead in each row, once per line */
-            for (int i = 0; i < R; i++)
-                _mm_prefetch((const char *)w + ((size_t)(r + i) * cols + j) * esize + D512_PREFETCH, _MM_HINT_T0);
+        if ((j * esize) % 64 == 0) { /* a line ahead in each row, once per line */
+            if (pass == 0)
+                for (int i = 0; i < R; i++)
+                    _mm_prefetch((const char *)w + ((size_t)(r + i) * cols + j) * esize + D512_PREFETCH, _MM_HINT_T0);
+            if (n_pass > 1 && r + 2 * R <= r_end) /* pass `pass` of n_pass: its share of the next block's rows */
+                for (int i = 0; i < R; i++)
+                    _mm_prefetch((const char *)w + ((size_t)(r + R + i) * cols + ((size_t)pass * cols + j) / n_pass) * esize,
+                                 _MM_HINT_T0);
+        }
         __m512 xv[D512_TOKENS];
         for (int t = 0; t < NT; t++) xv[t] = _mm512_loadu_ps(x + t * ldx + j);
         for (int i = 0; i < R; i++) {
@@ -185,7 +192,8 @@ BN_AVX512VNNI BN_INLINE void dense_enc(int enc, float *y, size_t ldy, const floa
                                        const void *w, uint32_t cols, uint32_t r0, uint32_t r1) {
     uint32_t r = r0;
     if (n_tok == 1)
-        for (; r + D512_ROWS_1 <= r1; r += D512_ROWS_1) dense_rows(enc, D512_ROWS_1, 1, y, ldy, x, ldx, w, cols, r);
+        for (; r + D512_ROWS_1 <= r1; r += D512_ROWS_1) dense_rows(enc, D512_ROWS_1, 1, y, ldy, x, ldx, w, cols, r, 0, 1, r1);
+    const uint32_t n_pass = (n_tok + D512_TOKENS - 1) / D512_TOKENS;
     for (; r < r1;) {
         const int R = r1 - r >= D512_ROWS ? D512_ROWS : 1;
         for (uint32_t t0 = 0; t0 < n_tok; t0 += D512_TOKENS) {
@@ -193,14 +201,14 @@ BN_AVX512VNNI BN_INLINE void dense_enc(int enc, float *y, size_t ldy, const floa
             const float *xt = x + t0 * ldx;
             const uint32_t nt = n_tok - t0 < D512_TOKENS ? n_tok - t0 : D512_TOKENS;
             if (R == D512_ROWS) {
-                if (nt == 1) dense_rows(enc, D512_ROWS, 1, yt, ldy, xt, ldx, w, cols, r);
-                else if (nt == 2) dense_rows(enc, D512_ROWS, 2, yt, ldy, xt, ldx, w, cols, r);
-                else if (nt == 3) dense_rows(enc, D512_ROWS, 3, yt, ldy, xt, ldx, w, cols, r);
-                else dense_rows(enc, D512_ROWS, 4, yt, ldy, xt, ldx, w, cols, r);
-            } else if (nt == 1) dense_rows(enc, 1, 1, yt, ldy, xt, ldx, w, cols, r);
-            else if (nt == 2) dense_rows(enc, 1, 2, yt, ldy, xt, ldx, w, cols, r);
-            else if (nt == 3) dense_rows(enc, 1, 3, yt, ldy, xt, ldx, w, cols, r);
-            else dense_rows(enc, 1, 4, yt, ldy, xt, ldx, w, cols, r);
+                if (nt == 1) dense_rows(enc, D512_ROWS, 1, yt, ldy, xt, ldx, w, cols, r, t0 / D512_TOKENS, n_pass, r1);
+                else if (nt == 2) dense_rows(enc, D512_ROWS, 2, yt, ldy, xt, ldx, w, cols, r, t0 / D512_TOKENS, n_pass, r1);
+                else if (nt == 3) dense_rows(enc, D512_ROWS, 3, yt, ldy, xt, ldx, w, cols, r, t0 / D512_TOKENS, n_pass, r1);
+                else dense_rows(enc, D512_ROWS, 4, yt, ldy, xt, ldx, w, cols, r, t0 / D512_TOKENS, n_pass, r1);
+            } else if (nt == 1) dense_rows(enc, 1, 1, yt, ldy, xt, ldx, w, cols, r, t0 / D512_TOKENS, n_pass, r1);
+            else if (nt == 2) dense_rows(enc, 1, 2, yt, ldy, xt, ldx, w, cols, r, t0 / D512_TOKENS, n_pass, r1);
+            else if (nt == 3) dense_rows(enc, 1, 3, yt, ldy, xt, ldx, w, cols, r, t0 / D512_TOKENS, n_pass, r1);
+            else dense_rows(enc, 1, 4, yt, ldy, xt, ldx, w, cols, r, t0 / D512_TOKENS, n_pass, r1);
         }
         r += R;
     }
