@@ -4,11 +4,15 @@
  * target. Every wait first spins (with the CPU's pause hint), as ggml's pool does, since during
  * a forward pass the next run comes within microseconds (the caller's serial work between runs is
  * a norm or a rope of one token), and only then sleeps on a condition variable, so that idle
- * threads (between tokens, or a context nobody uses) cost nothing. The spin is short, POOL_SPIN
- * polls (~10-50 us): on a machine with more runnable threads than cores (other jobs), a spinner
- * holds a core the thread it waits for may need, and a thread that never sleeps loses the
- * scheduler's wake-up preference; longer spins (~1 ms), and spins that call sched_yield, made the
- * hand-off 3-40x slower than the mutex pool's on the shared 2-core development VM, this one not.
+ * threads (between tokens, or a context nobody uses) cost nothing. The spin is bounded by time,
+ * POOL_SPIN_US, not by a count of polls: a pause lasts from ~10 to ~150 cycles depending on the CPU,
+ * so the earlier 512-poll spin (tuned on an AMD Zen 4 VM) ended after a few microseconds on an Intel
+ * Xeon VM, where the waits of batched decoding (one thread finishing its rows ~10-100 us after the
+ * other) then went to sleep and paid a futex wake-up through the hypervisor each time: 100 us of
+ * spinning made 2-thread decoding 1.3-1.4x faster there (50, 200 and 1000 us measured alike). The
+ * bound stays short because on a machine with more runnable threads than cores (other jobs), a
+ * spinner holds a core the thread it waits for may need; spins of ~1 ms that called sched_yield made
+ * the hand-off 3-40x slower than a mutex pool's on a shared 2-core VM.
  *
  * Sleeping without lost wake-ups: a sleeper increments n_sleeping under `mu`, then re-checks its
  * counter before waiting; a waker changes the counter, then reads n_sleeping and, if it is not
@@ -35,7 +39,9 @@
 #define POOL_PAUSE() ((void)0)
 #endif
 
-enum { POOL_SPIN = 512 }; /* polls before sleeping */
+#ifndef POOL_SPIN_US
+#define POOL_SPIN_US 100 /* microseconds of spinning before sleeping */
+#endif
 
 typedef struct {
     bn_pool *pool;
@@ -58,11 +64,23 @@ struct bn_pool {
     pthread_cond_t wake;         /* any counter changed while someone slept */
 };
 
+static uint64_t monotonic_us(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
 /* Returns once *counter >= target (or the pool quits): spins, then sleeps. */
 static void wait_for(bn_pool *pool, _Atomic uint64_t *counter, uint64_t target) {
-    for (uint32_t i = 0; i < POOL_SPIN; i++) {
+    uint64_t deadline = 0;
+    for (uint32_t i = 1;; i++) {
         if (atomic_load_explicit(counter, memory_order_acquire) >= target) return;
         POOL_PAUSE();
+        if (i % 64 == 0) { /* the clock now and then: a pause lasts 10-150 cycles, by CPU */
+            const uint64_t now = monotonic_us();
+            if (deadline == 0) deadline = now + POOL_SPIN_US;
+            else if (now >= deadline) break;
+        }
     }
     pthread_mutex_lock(&pool->mu);
     atomic_fetch_add(&pool->n_sleeping, 1);
