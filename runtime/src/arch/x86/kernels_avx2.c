@@ -968,7 +968,7 @@ BN_AVX2 void bn_attention_head_f16_avx2(float *out, const float *q, const uint16
     else attention_head_avx2(out, q, k, v, stride, n_pos, D, scale, att, 1);
 }
 
-const bn_kernels bn_kernels_avx2 = BN_X86_KERNELS("avx2", i2_matmul_avx2, bn_dense_matmul_avx2);
+const bn_kernels bn_kernels_avx2 = BN_X86_KERNELS("avx2", i2_matmul_avx2, bn_dense_matmul_avx2, bn_q8_matmul_avx2);
 
 #else
 typedef int bn_kernels_avx2_unused; /* not x86-64: nothing to compile (ISO C forbids an empty file) */

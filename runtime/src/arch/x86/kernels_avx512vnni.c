@@ -1,5 +1,5 @@
-/* AVX-512 VNNI kernels, bit-exact with the scalar reference in runtime/src/kernels.c. The I2 matmul
- * and the dense head have kernels of their own here; the other entries are the AVX2 variant's
+/* AVX-512 VNNI kernels, bit-exact with the scalar reference in runtime/src/kernels.c. The I2 matmul,
+ * the dense head and the Q8_R head have kernels of their own here; the other entries are the AVX2 variant's
  * (kernels_x86.h).
  * Like kernels_avx2.c, every function carries a target attribute (BN_AVX512VNNI) and is handed out
  * by bn_kernels_select() only when the CPU and OS support avx512f/bw/vnni (and avx2/f16c/fma, for the
@@ -222,7 +222,95 @@ BN_AVX512VNNI static void dense_matmul_avx512(float *y, size_t ldy, const float 
     else dense_enc(BN_ENC_BF16, y, ldy, x, ldx, n_tok, w, cols, r0, r1);
 }
 
-const bn_kernels bn_kernels_avx512vnni = BN_X86_KERNELS("avx512vnni", i2_matmul_avx512vnni, dense_matmul_avx512);
+/* ---- Q8_R (8-bit output head) ----
+ * vpdpbusd multiplies unsigned by signed bytes; AVX-512 has no vpsignb to move w's sign onto x as
+ * the AVX2 kernel does, so the activations are offset instead: u = x + 128 (x ^ 0x80, 1..255 for x
+ * in [-127, 127]) is unsigned, and sum(u * w) = dot(x, w) + 128 * sum(w), the row sum counted by
+ * one more vpdpbusd of the row with a vector of ones (shared by all the tokens of a pass). Each lane
+ * adds at most 4 * 255 * 128 per step, so int32 holds rows of up to a million columns, and the
+ * result is the exact dot; the float step is the reference's expression. Tiles as the dense head's:
+ * R rows x NT tokens per call (a single token 8 rows, more tokens 4 x 4), each activation vector
+ * serving R rows and each weight vector NT tokens; with more than 4 tokens, a row block is read once
+ * per group of 4 from cache, and each such pass prefetches its share of the next block. */
+enum {
+    Q8V_STEP = 64,     /* columns per step */
+    Q8V_ROWS = 4,      /* rows per call for several tokens */
+    Q8V_TOKENS = 4,    /* tokens per call, at most */
+    Q8V_ROWS_1 = 8,    /* rows per call for a single token */
+    Q8V_PREFETCH = 512 /* bytes ahead in each row stream */
+};
+
+BN_AVX512VNNI BN_INLINE void q8v_rows(int R, int NT, float *y, size_t ldy, const int8_t *x, size_t ldx,
+                                      const float *xs, const int8_t *w, const float *ws, uint32_t cols, uint32_t r,
+                                      uint32_t pass, uint32_t n_pass, uint32_t r_end) {
+    const __m512i offset = _mm512_set1_epi8((char)0x80), ones = _mm512_set1_epi8(1);
+    __m512i acc[Q8V_ROWS_1][Q8V_TOKENS], rowsum[Q8V_ROWS_1];
+    for (int i = 0; i < R; i++) {
+        rowsum[i] = _mm512_setzero_si512();
+        for (int t = 0; t < NT; t++) acc[i][t] = _mm512_setzero_si512();
+    }
+    for (uint32_t j = 0; j < cols; j += Q8V_STEP) {
+        const __mmask64 mask = cols - j >= Q8V_STEP ? ~(__mmask64)0 : (((__mmask64)1 << (cols - j)) - 1);
+        if (pass == 0)
+            for (int i = 0; i < R; i++)
+                _mm_prefetch((const char *)(w + (size_t)(r + i) * cols + j) + Q8V_PREFETCH, _MM_HINT_T0);
+        if (n_pass > 1 && r + 2 * R <= r_end) /* pass `pass` of n_pass: its share of the next block's rows */
+            for (int i = 0; i < R; i++)
+                _mm_prefetch((const char *)(w + (size_t)(r + R + i) * cols + ((size_t)pass * cols + j) / n_pass),
+                             _MM_HINT_T0);
+        __m512i wv[Q8V_ROWS_1];
+        for (int i = 0; i < R; i++) {
+            wv[i] = _mm512_maskz_loadu_epi8(mask, w + (size_t)(r + i) * cols + j);
+            rowsum[i] = _mm512_dpbusd_epi32(rowsum[i], ones, wv[i]);
+        }
+        for (int t = 0; t < NT; t++) {
+            const __m512i u = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, x + t * ldx + j), offset);
+            for (int i = 0; i < R; i++) acc[i][t] = _mm512_dpbusd_epi32(acc[i][t], u, wv[i]);
+        }
+    }
+    for (int i = 0; i < R; i++) {
+        const int32_t bias = 128 * _mm512_reduce_add_epi32(rowsum[i]);
+        for (int t = 0; t < NT; t++) {
+            const int32_t d = _mm512_reduce_add_epi32(acc[i][t]) - bias;
+            y[t * ldy + r + i] = ((float)d / xs[t]) * ws[r + i];
+        }
+    }
+}
+
+/* q8v_rows with R rows and a constant token count nt (1 .. 4). */
+#define Q8V_ROWS_NT(R, nt)                                                                                        \
+    switch (nt) {                                                                                                  \
+    case 1: q8v_rows(R, 1, yt, ldy, xt, ldx, xst, w, ws, cols, r, pass, n_pass, r1); break;                       \
+    case 2: q8v_rows(R, 2, yt, ldy, xt, ldx, xst, w, ws, cols, r, pass, n_pass, r1); break;                       \
+    case 3: q8v_rows(R, 3, yt, ldy, xt, ldx, xst, w, ws, cols, r, pass, n_pass, r1); break;                       \
+    default: q8v_rows(R, 4, yt, ldy, xt, ldx, xst, w, ws, cols, r, pass, n_pass, r1); break;                      \
+    }
+
+BN_AVX512VNNI static void q8_matmul_avx512vnni(float *y, size_t ldy, const int8_t *x, size_t ldx, const float *xs,
+                                               uint32_t n_tok, const int8_t *w, const float *ws, uint32_t cols,
+                                               uint32_t r0, uint32_t r1) {
+    if (r0 >= r1 || n_tok == 0) return;
+    uint32_t r = r0;
+    if (n_tok == 1)
+        for (; r + Q8V_ROWS_1 <= r1; r += Q8V_ROWS_1) q8v_rows(Q8V_ROWS_1, 1, y, ldy, x, ldx, xs, w, ws, cols, r, 0, 1, r1);
+    const uint32_t n_pass = (n_tok + Q8V_TOKENS - 1) / Q8V_TOKENS;
+    while (r < r1) {
+        const uint32_t R = r1 - r >= Q8V_ROWS ? Q8V_ROWS : 1;
+        for (uint32_t pass = 0; pass < n_pass; pass++) {
+            const uint32_t t0 = pass * Q8V_TOKENS, nt = n_tok - t0 < Q8V_TOKENS ? n_tok - t0 : Q8V_TOKENS;
+            float *yt = y + t0 * ldy;
+            const int8_t *xt = x + t0 * ldx;
+            const float *xst = xs + t0;
+            if (R == Q8V_ROWS) Q8V_ROWS_NT(Q8V_ROWS, nt)
+            else Q8V_ROWS_NT(1, nt)
+        }
+        r += R;
+    }
+}
+#undef Q8V_ROWS_NT
+
+const bn_kernels bn_kernels_avx512vnni =
+    BN_X86_KERNELS("avx512vnni", i2_matmul_avx512vnni, dense_matmul_avx512, q8_matmul_avx512vnni);
 
 #else
 typedef int bn_kernels_avx512vnni_unused; /* not x86-64: nothing to compile (ISO C forbids an empty file) */

@@ -137,7 +137,7 @@ I2Y_TARGET static void i2_matmul_avxvnni(int32_t *y, size_t ldy, const int8_t *x
     bn_i2_gemm(&i2y_tiling, y, ldy, x, ldx, n_tok, w, cols, r0, r1);
 }
 
-const bn_kernels bn_kernels_avxvnni = BN_X86_KERNELS("avxvnni", i2_matmul_avxvnni, bn_dense_matmul_avx2);
+const bn_kernels bn_kernels_avxvnni = BN_X86_KERNELS("avxvnni", i2_matmul_avxvnni, bn_dense_matmul_avx2, bn_q8_matmul_avx2);
 
 #else
 typedef int bn_kernels_avxvnni_unused; /* not x86-64: nothing to compile (ISO C forbids an empty file) */

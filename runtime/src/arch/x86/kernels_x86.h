@@ -54,13 +54,13 @@ void bn_attention_head_avx2(float *out, const float *q, const float *k, const fl
 void bn_attention_head_f16_avx2(float *out, const float *q, const uint16_t *k, const uint16_t *v, uint64_t stride,
                                 uint32_t n_pos, uint32_t D, float scale, float *att);
 
-/* The table of an x86 variant: its own I2 and dense kernels, the AVX2 kernels for every other entry
- * (the VNNI variants speed up the I2 GEMM, AVX-512 also the dense head). One list, so an entry added
- * to bn_kernels is set in every x86 table at once. */
-#define BN_X86_KERNELS(NAME, I2_MATMUL, DENSE_MATMUL)                                                            \
+/* The table of an x86 variant: its own I2, dense and Q8_R kernels, the AVX2 kernels for every other
+ * entry (the VNNI variants speed up the I2 GEMM, AVX-512 also the dense and Q8_R heads). One list, so
+ * an entry added to bn_kernels is set in every x86 table at once. */
+#define BN_X86_KERNELS(NAME, I2_MATMUL, DENSE_MATMUL, Q8_MATMUL)                                                 \
     {                                                                                                            \
         .name = NAME, .i2_matmul = I2_MATMUL, .tl1_matmul = bn_tl1_matmul_avx2, .tl2_matmul = bn_tl2_matmul_avx2, \
-        .dense_matmul = DENSE_MATMUL, .q8_matmul = bn_q8_matmul_avx2, .q6_matmul = bn_q6_matmul_avx2,           \
+        .dense_matmul = DENSE_MATMUL, .q8_matmul = Q8_MATMUL, .q6_matmul = bn_q6_matmul_avx2,                   \
         .q4_matmul = bn_q4_matmul_avx2, .quantize_row = bn_quantize_row_avx2,                                    \
         .attention_head = bn_attention_head_avx2, .attention_head_f16 = bn_attention_head_f16_avx2,              \
     }
