@@ -141,9 +141,15 @@ def test_logits_match_transformers(case):
 
 
 def test_f32_cache_logits_match_transformers(case):
+    """The f32 cache against transformers. The median bound is the f16 test's: one int8 rounding tie
+    of the activations decided the other way by torch's float order and ours moves every later
+    token's logits (seen on an Intel Xeon with torch 2.13 in case llama-master-gqa4-d40-untied-rms-tl2:
+    one flip at position 5, then ~5e-3 of scale on most later tokens, 1e-7 before it), so a tighter
+    median depends on the CPU torch runs on; test_bitlinear_matches_transformers_tightly checks each
+    BitLinear to 1e-5, and the p90, worst-token and argmax bounds still hold here."""
     model = Model(case.path, n_threads=2, kv_type="f32")
     ids = _prompt_ids(model, SEQ_LEN, seed=case.seed)
-    _assert_logits_match(model.logits(ids), _reference_logits(case.reference, ids), model.n_vocab)
+    _assert_logits_match(model.logits(ids), _reference_logits(case.reference, ids), model.n_vocab, median=1e-2)
 
 
 def test_greedy_generation_matches_transformers(case):
@@ -174,3 +180,4 @@ def test_greedy_generation_matches_transformers(case):
         predicted = model.logits(full)[len(prompt) - 1 : -1].argmax(axis=1)
         agreement = np.mean(predicted == np.array(expected))
         assert agreement >= 0.95, f"teacher-forced agreement {agreement:.3f}; ours {got} vs {expected}"
+
