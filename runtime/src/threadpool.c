@@ -5,11 +5,11 @@
  * a forward pass the next run comes within microseconds (the caller's serial work between runs is
  * a norm or a rope of one token), and only then sleeps on a condition variable, so that idle
  * threads (between tokens, or a context nobody uses) cost nothing. The spin is bounded by time,
- * POOL_SPIN_US, not by a count of polls: a pause lasts from ~10 to ~150 cycles depending on the CPU,
- * so the earlier 512-poll spin (tuned on an AMD Zen 4 VM) ended after a few microseconds on an Intel
- * Xeon VM, where the waits of batched decoding (one thread finishing its rows ~10-100 us after the
- * other) then went to sleep and paid a futex wake-up through the hypervisor each time: 100 us of
- * spinning made 2-thread decoding 1.3-1.4x faster there (50, 200 and 1000 us measured alike). The
+ * POOL_SPIN_US, not by a count of polls, as a pause lasts very different times on different CPUs:
+ * the earlier 512-poll spin (tuned on an AMD Zen 4 VM) ended after ~9 us on an Intel Xeon VM (a pause
+ * there: 17 ns), where the waits of batched decoding (one thread finishing its rows after the other)
+ * then went to sleep and paid a futex wake-up through the hypervisor each time; spinning longer made
+ * 2-thread decoding 1.3-1.4x faster there (8192 polls, ~140 us, and 100 us measured alike). The
  * bound stays short because on a machine with more runnable threads than cores (other jobs), a
  * spinner holds a core the thread it waits for may need; spins of ~1 ms that called sched_yield made
  * the hand-off 3-40x slower than a mutex pool's on a shared 2-core VM.
