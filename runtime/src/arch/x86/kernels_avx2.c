@@ -559,7 +559,8 @@ enum {
     DENSE_TOKENS = 4,    /* tokens per call of dense_rows, at most */
 };
 
-/* Columns j .. j+15 of a dense row w (element offset i) as floats: lanes 0-7 in *lo, 8-15 in *hi. */
+/* Columns j .. j+15 of a dense row w (element offset i) as floats: lanes 0-7 in *lo, 8-15 in *hi
+ * (BF16: in the order of dense_permute16). */
 BN_AVX2 BN_INLINE void dense_load16(int enc, const void *w, size_t i, __m256 *lo, __m256 *hi) {
     if (enc == BN_ENC_F32) {
         *lo = _mm256_loadu_ps((const float *)w + i);
@@ -573,13 +574,23 @@ BN_AVX2 BN_INLINE void dense_load16(int enc, const void *w, size_t i, __m256 *lo
         *hi = _mm256_cvtph_ps(h1);
         return;
     }
-    *lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h0), 16)); /* BF16 */
-    *hi = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h1), 16));
+    /* BF16: each word into the high half of a dword, zeros below, one unpack per 8 columns (where a
+     * widening and a shift take two): *lo gets columns 0-3 and 8-11, *hi 4-7 and 12-15, the
+     * order bn_dense_matmul_avx2 puts the activations in (dense_permute16) */
+    *lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), h));
+    *hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), h));
+    (void)h0;
+    (void)h1;
 }
 
-/* Rows r .. r+R-1 for tokens 0 .. NT-1 of x (rows ldx apart) into y (rows ldy apart). */
+/* The 16 columns of a block in the lane order of a BF16 dense_load16: 0-3, 8-11, 4-7, 12-15. */
+static const uint8_t dense_permute16[BN_DENSE_LANES] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
+
+/* Rows r .. r+R-1 for tokens 0 .. NT-1 of x (rows ldx apart) into y (rows ldy apart); xv: the same
+ * activations as the vector loop reads them (BF16: each block of 16 in dense_permute16's order,
+ * rows ldxv apart; otherwise x itself). */
 BN_AVX2 BN_INLINE void dense_rows(int enc, int R, int NT, float *y, size_t ldy, const float *x, size_t ldx,
-                                  const void *w, uint32_t cols, uint32_t r) {
+                                  const float *xv, size_t ldxv, const void *w, uint32_t cols, uint32_t r) {
     __m256 lo[DENSE_ROW_BLOCK][DENSE_TOKENS], hi[DENSE_ROW_BLOCK][DENSE_TOKENS];
     for (int i = 0; i < R; i++)
         for (int t = 0; t < NT; t++) lo[i][t] = hi[i][t] = _mm256_setzero_ps();
@@ -593,7 +604,7 @@ BN_AVX2 BN_INLINE void dense_rows(int enc, int R, int NT, float *y, size_t ldy, 
             __m256 wl, wh;
             dense_load16(enc, w, (size_t)(r + i) * cols + j, &wl, &wh);
             for (int t = 0; t < NT; t++) {
-                const float *xt = x + t * ldx + j;
+                const float *xt = xv + t * ldxv + j;
                 lo[i][t] = _mm256_fmadd_ps(_mm256_loadu_ps(xt), wl, lo[i][t]);
                 hi[i][t] = _mm256_fmadd_ps(_mm256_loadu_ps(xt + 8), wh, hi[i][t]);
             }
@@ -601,27 +612,28 @@ BN_AVX2 BN_INLINE void dense_rows(int enc, int R, int NT, float *y, size_t ldy, 
     }
     for (int i = 0; i < R; i++)
         for (int t = 0; t < NT; t++) {
-            float s[BN_DENSE_LANES];
-            _mm256_storeu_ps(s, lo[i][t]);
-            _mm256_storeu_ps(s + 8, hi[i][t]);
+            float s[BN_DENSE_LANES], v[BN_DENSE_LANES];
+            _mm256_storeu_ps(v, lo[i][t]);
+            _mm256_storeu_ps(v + 8, hi[i][t]);
+            for (int l = 0; l < BN_DENSE_LANES; l++) s[enc == BN_ENC_BF16 ? dense_permute16[l] : l] = v[l];
             y[t * ldy + r + i] = bn_dense_finish(s, x + t * ldx, (const char *)w + (size_t)(r + i) * cols * esize, enc, cols16, cols);
         }
 }
 
 /* dense_rows with constant row and token counts (the accumulators in registers): R * NT * 2 <= 12 of
  * the 16 ymm registers. */
-#define DENSE_ROWS_CASE(R, NT) dense_rows(enc, R, NT, y, ldy, x, ldx, w, cols, r)
+#define DENSE_ROWS_CASE(R, NT) dense_rows(enc, R, NT, y, ldy, x, ldx, xv, ldxv, w, cols, r)
 
 /* Rows [r0, r1) for n_tok tokens: blocks of DENSE_ROW_BLOCK rows, then the last rows one at a time;
  * inside a block, groups of up to DENSE_TOKENS tokens, each with as many rows at once as fit. */
-BN_AVX2 BN_INLINE void dense_enc(int enc, float *y0, size_t ldy, const float *x0, size_t ldx, uint32_t n_tok,
-                                 const void *w, uint32_t cols, uint32_t r0, uint32_t r1) {
+BN_AVX2 BN_INLINE void dense_enc(int enc, float *y0, size_t ldy, const float *x0, size_t ldx, const float *xv0,
+                                 size_t ldxv, uint32_t n_tok, const void *w, uint32_t cols, uint32_t r0, uint32_t r1) {
     for (uint32_t rb = r0; rb < r1; rb += DENSE_ROW_BLOCK) {
         const uint32_t n_rows = r1 - rb < DENSE_ROW_BLOCK ? r1 - rb : DENSE_ROW_BLOCK;
         for (uint32_t t0 = 0; t0 < n_tok; t0 += DENSE_TOKENS) {
             const uint32_t nt = n_tok - t0 < DENSE_TOKENS ? n_tok - t0 : DENSE_TOKENS;
             float *y = y0 + t0 * ldy;
-            const float *x = x0 + t0 * ldx;
+            const float *x = x0 + t0 * ldx, *xv = xv0 + t0 * ldxv;
             if (n_rows == DENSE_ROW_BLOCK && nt == 1) {
                 const uint32_t r = rb;
                 DENSE_ROWS_CASE(4, 1);
@@ -645,15 +657,26 @@ BN_AVX2 BN_INLINE void dense_enc(int enc, float *y0, size_t ldy, const float *x0
 
 BN_AVX2 static void dense_f32(float *y, size_t ldy, const float *x, size_t ldx, uint32_t n_tok, const void *w,
                               uint32_t cols, uint32_t r0, uint32_t r1) {
-    dense_enc(BN_ENC_F32, y, ldy, x, ldx, n_tok, w, cols, r0, r1);
+    dense_enc(BN_ENC_F32, y, ldy, x, ldx, x, ldx, n_tok, w, cols, r0, r1);
 }
 BN_AVX2 static void dense_f16(float *y, size_t ldy, const float *x, size_t ldx, uint32_t n_tok, const void *w,
                               uint32_t cols, uint32_t r0, uint32_t r1) {
-    dense_enc(BN_ENC_F16, y, ldy, x, ldx, n_tok, w, cols, r0, r1);
+    dense_enc(BN_ENC_F16, y, ldy, x, ldx, x, ldx, n_tok, w, cols, r0, r1);
 }
+/* BF16: the activations' blocks of 16 permuted once per call (dense_permute16), into the thread's
+ * scratch, so that each weight vector is widened by unpacking alone. */
 BN_AVX2 static void dense_bf16(float *y, size_t ldy, const float *x, size_t ldx, uint32_t n_tok, const void *w,
                                uint32_t cols, uint32_t r0, uint32_t r1) {
-    dense_enc(BN_ENC_BF16, y, ldy, x, ldx, n_tok, w, cols, r0, r1);
+    const uint32_t cols16 = cols / BN_DENSE_LANES * BN_DENSE_LANES;
+    float *xv = bn_x86_scratch((size_t)n_tok * (cols16 + BN_DENSE_LANES) * sizeof(float));
+    if (xv == NULL) { /* out of memory: the reference gives the same result */
+        bn_kernels_ref.dense_matmul(y, ldy, x, ldx, n_tok, w, BN_ENC_BF16, cols, r0, r1);
+        return;
+    }
+    for (uint32_t t = 0; t < n_tok; t++)
+        for (uint32_t j = 0; j < cols16; j += BN_DENSE_LANES)
+            for (int l = 0; l < BN_DENSE_LANES; l++) xv[(size_t)t * cols16 + j + l] = x[t * ldx + j + dense_permute16[l]];
+    dense_enc(BN_ENC_BF16, y, ldy, x, ldx, xv, cols16, n_tok, w, cols, r0, r1);
 }
 
 BN_AVX2 void bn_dense_matmul_avx2(float *y, size_t ldy, const float *x, size_t ldx, uint32_t n_tok,
