@@ -3,11 +3,12 @@
 Compiled on `pip install .`. The default build is portable (the runtime picks kernels by CPU feature
 detection at run time); set BITNET_RUN_NATIVE=1 to add -march=native for this machine only.
 
-The kernels are bit-exact with the scalar reference only if the compiler keeps every float multiply
-and add that the source writes separately separate (the fused ones are written as fmaf / FMA
-intrinsics: the output head's dot products), so -ffp-contract=off is passed explicitly: GCC's default outside strict ISO modes
-(-std=gnu11, and with -march=native on FMA CPUs) would fuse them. tests/test_build_flags.py builds the
-runtime with `-std=gnu11 -march=native` and with clang and checks every variant there too.
+The kernels are bit-exact with the scalar reference only if the compiler fuses no float multiply
+and add that the source writes apart (where the order wants a fused one, the source says so: fmaf
+and FMA intrinsics in the output head's dot products), so -ffp-contract=off is passed explicitly:
+GCC's default outside strict ISO modes (-std=gnu11, and with -march=native on FMA CPUs) would fuse
+them. tests/test_build_flags.py builds the runtime with `-std=gnu11 -march=native` and with clang and
+checks every variant there too.
 """
 import os
 import re

@@ -180,4 +180,3 @@ def test_greedy_generation_matches_transformers(case):
         predicted = model.logits(full)[len(prompt) - 1 : -1].argmax(axis=1)
         agreement = np.mean(predicted == np.array(expected))
         assert agreement >= 0.95, f"teacher-forced agreement {agreement:.3f}; ours {got} vs {expected}"
-

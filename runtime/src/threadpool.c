@@ -76,7 +76,7 @@ static void wait_for(bn_pool *pool, _Atomic uint64_t *counter, uint64_t target) 
     for (uint32_t i = 1;; i++) {
         if (atomic_load_explicit(counter, memory_order_acquire) >= target) return;
         POOL_PAUSE();
-        if (i % 64 == 0) { /* the clock now and then: a pause lasts 10-150 cycles, by CPU */
+        if (i % 64 == 0) { /* the clock now and then (the first reading starts the spin's time) */
             const uint64_t now = monotonic_us();
             if (deadline == 0) deadline = now + POOL_SPIN_US;
             else if (now >= deadline) break;

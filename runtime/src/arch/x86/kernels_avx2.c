@@ -568,10 +568,9 @@ BN_AVX2 BN_INLINE void dense_load16(int enc, const void *w, size_t i, __m256 *lo
         return;
     }
     const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i));
-    const __m128i h0 = _mm256_castsi256_si128(h), h1 = _mm256_extracti128_si256(h, 1);
     if (enc == BN_ENC_F16) {
-        *lo = _mm256_cvtph_ps(h0);
-        *hi = _mm256_cvtph_ps(h1);
+        *lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+        *hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
         return;
     }
     /* BF16: each word into the high half of a dword, zeros below, one unpack per 8 columns (where a
@@ -579,8 +578,6 @@ BN_AVX2 BN_INLINE void dense_load16(int enc, const void *w, size_t i, __m256 *lo
      * order bn_dense_matmul_avx2 puts the activations in (dense_permute16) */
     *lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), h));
     *hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), h));
-    (void)h0;
-    (void)h1;
 }
 
 /* The 16 columns of a block in the lane order of a BF16 dense_load16: 0-3, 8-11, 4-7, 12-15. */

@@ -143,6 +143,15 @@ enum {
 #define D512_PREFETCH 512 /* bytes ahead in each row stream */
 #endif
 
+/* With several passes over a block of R rows (more tokens than a tile takes), pass `pass` of n_pass
+ * prefetches its share of the next block: at byte `at` of its progress along the current rows, byte
+ * (pass * row_bytes + at) / n_pass of each of the R rows starting at `next` (row_bytes apart), so that
+ * the weight stream keeps flowing while the later passes compute from cache. */
+BN_AVX512VNNI BN_INLINE void prefetch_next_share(const char *next, size_t row_bytes, int R, uint32_t pass,
+                                                 uint32_t n_pass, size_t at) {
+    for (int i = 0; i < R; i++) _mm_prefetch(next + (size_t)i * row_bytes + ((size_t)pass * row_bytes + at) / n_pass, _MM_HINT_T0);
+}
+
 /* Columns i .. i+15 of a dense row w as floats. */
 BN_AVX512VNNI BN_INLINE __m512 dense_load16(int enc, const void *w, size_t i) {
     if (enc == BN_ENC_F32) return _mm512_loadu_ps((const float *)w + i);
@@ -165,10 +174,9 @@ BN_AVX512VNNI BN_INLINE void dense_rows(int enc, int R, int NT, float *y, size_t
             if (pass == 0)
                 for (int i = 0; i < R; i++)
                     _mm_prefetch((const char *)w + ((size_t)(r + i) * cols + j) * esize + D512_PREFETCH, _MM_HINT_T0);
-            if (n_pass > 1 && r + 2 * R <= r_end) /* pass `pass` of n_pass: its share of the next block's rows */
-                for (int i = 0; i < R; i++)
-                    _mm_prefetch((const char *)w + ((size_t)(r + R + i) * cols + ((size_t)pass * cols + j) / n_pass) * esize,
-                                 _MM_HINT_T0);
+            if (n_pass > 1 && r + 2 * R <= r_end)
+                prefetch_next_share((const char *)w + (size_t)(r + R) * cols * esize, (size_t)cols * esize, R, pass,
+                                    n_pass, j * esize);
         }
         __m512 xv[D512_TOKENS];
         for (int t = 0; t < NT; t++) xv[t] = _mm512_loadu_ps(x + t * ldx + j);
@@ -185,6 +193,15 @@ BN_AVX512VNNI BN_INLINE void dense_rows(int enc, int R, int NT, float *y, size_t
         }
 }
 
+/* dense_rows with R rows and a constant token count nt (1 .. 4), pass t0 / D512_TOKENS of n_pass. */
+#define DENSE_ROWS_NT(R, nt)                                                                                       \
+    switch (nt) {                                                                                                  \
+    case 1: dense_rows(enc, R, 1, yt, ldy, xt, ldx, w, cols, r, t0 / D512_TOKENS, n_pass, r1); break;             \
+    case 2: dense_rows(enc, R, 2, yt, ldy, xt, ldx, w, cols, r, t0 / D512_TOKENS, n_pass, r1); break;             \
+    case 3: dense_rows(enc, R, 3, yt, ldy, xt, ldx, w, cols, r, t0 / D512_TOKENS, n_pass, r1); break;             \
+    default: dense_rows(enc, R, 4, yt, ldy, xt, ldx, w, cols, r, t0 / D512_TOKENS, n_pass, r1); break;            \
+    }
+
 /* Rows [r0, r1): a single token D512_ROWS_1 rows at a time; otherwise blocks of D512_ROWS rows, each
  * block once for every group of up to D512_TOKENS tokens; the last rows one at a time. Constant
  * counts in every call, so that the accumulators live in registers. */
@@ -200,19 +217,13 @@ BN_AVX512VNNI BN_INLINE void dense_enc(int enc, float *y, size_t ldy, const floa
             float *yt = y + t0 * ldy;
             const float *xt = x + t0 * ldx;
             const uint32_t nt = n_tok - t0 < D512_TOKENS ? n_tok - t0 : D512_TOKENS;
-            if (R == D512_ROWS) {
-                if (nt == 1) dense_rows(enc, D512_ROWS, 1, yt, ldy, xt, ldx, w, cols, r, t0 / D512_TOKENS, n_pass, r1);
-                else if (nt == 2) dense_rows(enc, D512_ROWS, 2, yt, ldy, xt, ldx, w, cols, r, t0 / D512_TOKENS, n_pass, r1);
-                else if (nt == 3) dense_rows(enc, D512_ROWS, 3, yt, ldy, xt, ldx, w, cols, r, t0 / D512_TOKENS, n_pass, r1);
-                else dense_rows(enc, D512_ROWS, 4, yt, ldy, xt, ldx, w, cols, r, t0 / D512_TOKENS, n_pass, r1);
-            } else if (nt == 1) dense_rows(enc, 1, 1, yt, ldy, xt, ldx, w, cols, r, t0 / D512_TOKENS, n_pass, r1);
-            else if (nt == 2) dense_rows(enc, 1, 2, yt, ldy, xt, ldx, w, cols, r, t0 / D512_TOKENS, n_pass, r1);
-            else if (nt == 3) dense_rows(enc, 1, 3, yt, ldy, xt, ldx, w, cols, r, t0 / D512_TOKENS, n_pass, r1);
-            else dense_rows(enc, 1, 4, yt, ldy, xt, ldx, w, cols, r, t0 / D512_TOKENS, n_pass, r1);
+            if (R == D512_ROWS) DENSE_ROWS_NT(D512_ROWS, nt)
+            else DENSE_ROWS_NT(1, nt)
         }
         r += R;
     }
 }
+#undef DENSE_ROWS_NT
 
 BN_AVX512VNNI static void dense_matmul_avx512(float *y, size_t ldy, const float *x, size_t ldx, uint32_t n_tok,
                                               const void *w, uint32_t encoding, uint32_t cols, uint32_t r0, uint32_t r1) {
@@ -254,10 +265,8 @@ BN_AVX512VNNI BN_INLINE void q8v_rows(int R, int NT, float *y, size_t ldy, const
         if (pass == 0)
             for (int i = 0; i < R; i++)
                 _mm_prefetch((const char *)(w + (size_t)(r + i) * cols + j) + Q8V_PREFETCH, _MM_HINT_T0);
-        if (n_pass > 1 && r + 2 * R <= r_end) /* pass `pass` of n_pass: its share of the next block's rows */
-            for (int i = 0; i < R; i++)
-                _mm_prefetch((const char *)(w + (size_t)(r + R + i) * cols + ((size_t)pass * cols + j) / n_pass),
-                             _MM_HINT_T0);
+        if (n_pass > 1 && r + 2 * R <= r_end)
+            prefetch_next_share((const char *)(w + (size_t)(r + R) * cols), cols, R, pass, n_pass, j);
         __m512i wv[Q8V_ROWS_1];
         for (int i = 0; i < R; i++) {
             wv[i] = _mm512_maskz_loadu_epi8(mask, w + (size_t)(r + i) * cols + j);
