@@ -182,11 +182,8 @@ BN_AVX2 int32_t bn_i2_planes_avx2(int8_t *dst, const int8_t *x, uint32_t cols, u
 /* Adds the products of one block of 32 weight bytes with NT tokens' planes into acc16. */
 BN_AVX2 BN_INLINE void i2_block(__m256i w, const int8_t *p, size_t tstride, int NT, __m256i *acc16) {
     const __m256i nibble = _mm256_set1_epi8(0x0f);
-    /* code of the nibble's low (tab_lo) or high (tab_hi) 2 bits, 3 -> 1 */
-    const __m256i tab_lo = _mm256_setr_epi8(0, 1, 2, 1, 0, 1, 2, 1, 0, 1, 2, 1, 0, 1, 2, 1, 0, 1, 2, 1, 0, 1, 2, 1, 0,
-                                            1, 2, 1, 0, 1, 2, 1);
-    const __m256i tab_hi = _mm256_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 2,
-                                            2, 2, 2, 1, 1, 1, 1);
+    const __m256i tab_lo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)bn_i2_nibble_codes[0]));
+    const __m256i tab_hi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)bn_i2_nibble_codes[1]));
     const __m256i lo = _mm256_and_si256(w, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), nibble);
     const __m256i c0 = _mm256_shuffle_epi8(tab_lo, lo), c1 = _mm256_shuffle_epi8(tab_hi, lo);
     const __m256i c2 = _mm256_shuffle_epi8(tab_lo, hi), c3 = _mm256_shuffle_epi8(tab_hi, hi);

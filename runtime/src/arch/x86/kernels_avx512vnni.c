@@ -60,9 +60,8 @@ BN_AVX512VNNI BN_INLINE __m128i hsum4_epi32(const __m512i v[4]) {
 BN_AVX512VNNI BN_INLINE void i2v_tile(int R, int NT, const uint8_t *w, uint32_t row_bytes, const int8_t *planes,
                                       size_t tstride, const int32_t *sums, int32_t *y, size_t ldy) {
     const __m512i nibble = _mm512_set1_epi8(0x0f);
-    /* code of the nibble's low (tab_lo) or high (tab_hi) 2 bits, 3 -> 1 */
-    const __m512i tab_lo = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 2, 1, 0, 1, 2, 1, 0, 1, 2, 1, 0, 1, 2, 1));
-    const __m512i tab_hi = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 1, 1, 1, 1));
+    const __m512i tab_lo = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)bn_i2_nibble_codes[0]));
+    const __m512i tab_hi = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)bn_i2_nibble_codes[1]));
     __m512i acc[I2V_ROWS][I2V_TOKENS]; /* all zeroed: the unused ones add nothing to the reduction */
     for (int r = 0; r < I2V_ROWS; r++)
         for (int t = 0; t < I2V_TOKENS; t++) acc[r][t] = _mm512_setzero_si512();

@@ -58,11 +58,8 @@ I2Y_TARGET I2Y_INLINE int32_t i2y_hsum(__m256i v) {
 I2Y_TARGET I2Y_INLINE void i2y_tile(int R, int NT, const uint8_t *w, uint32_t row_bytes, const int8_t *planes,
                                     size_t tstride, const int32_t *sums, int32_t *y, size_t ldy) {
     const __m256i nibble = _mm256_set1_epi8(0x0f);
-    /* code of the nibble's low (tab_lo) or high (tab_hi) 2 bits, 3 -> 1 */
-    const __m256i tab_lo = _mm256_setr_epi8(0, 1, 2, 1, 0, 1, 2, 1, 0, 1, 2, 1, 0, 1, 2, 1, 0, 1, 2, 1, 0, 1, 2, 1, 0,
-                                            1, 2, 1, 0, 1, 2, 1);
-    const __m256i tab_hi = _mm256_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 2,
-                                            2, 2, 2, 1, 1, 1, 1);
+    const __m256i tab_lo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)bn_i2_nibble_codes[0]));
+    const __m256i tab_hi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)bn_i2_nibble_codes[1]));
     __m256i acc[I2Y_ROWS][I2Y_TOKENS]; /* int32 sums; all start at 0 */
     for (int r = 0; r < I2Y_ROWS; r++)
         for (int t = 0; t < I2Y_TOKENS; t++) acc[r][t] = _mm256_setzero_si256();

@@ -10,6 +10,14 @@
  * calls; freed when the thread exits), or NULL when out of memory. */
 void *bn_x86_scratch(size_t n);
 
+/* The I2 codes of a weight byte's nibble, as two 16-entry pshufb tables: [0][n] is the code of the
+ * low 2 bits of n, [1][n] that of its high 2 bits, code 3 counted as 0 (codes are w + 1: 3 -> 1). A
+ * pshufb of a byte's low (high) nibble gives the codes of its elements 0 and 1 (2 and 3). */
+static const uint8_t bn_i2_nibble_codes[2][16] = {
+    {0, 1, 2, 1, 0, 1, 2, 1, 0, 1, 2, 1, 0, 1, 2, 1},
+    {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 1, 1, 1, 1},
+};
+
 /* Deinterleaves one token row x[cols] for the I2 kernels, which read 32 * `interleave` weight
  * bytes (128 * interleave elements) per step: block b (b < ceil(cols / (128 * interleave))) is
  * 4 planes of 32 * interleave bytes at dst + 128 * interleave * b, lane k of plane i holding
