@@ -10,10 +10,10 @@
  * of ((32 weight bytes >> 2i) & 3) multiplies lane k of plane i. Codes c in {0,1,2} are w + 1, so
  * dot(x, w) = sum(c * x) - sum(x): maddubs(c, x) (u8 x s8 pairs, |.| <= 2*2*128 = 512: no
  * saturation), summed in int16 over at most 8 blocks (|.| <= 16384), widened with madd(ones).
- * Code 3 counts as 0: a pshufb of the low (high) nibble of each byte gives the codes of planes 0 and
- * 1 (2 and 3), mapped {0,1,2,3} -> {0,1,2,1}: one shift, two masks and four table lookups per 32
- * weight bytes (the AVX-VNNI and AVX-512 tiles' tables) where one table per plane took three shifts,
- * four masks and four lookups (5-10% of the prompt GEMM on a Zen 3 core). Zero padding makes
+ * Code 3 counts as 0: a pshufb of the low (high) nibble of each byte through bn_i2_nibble_codes
+ * (kernels_x86.h) gives the codes of planes 0 and 1 (2 and 3), mapped {0,1,2,3} -> {0,1,2,1}: one
+ * shift, two masks and four lookups per 32 weight bytes, fewer than a shift and a mask per plane
+ * (measured 5-10% of the prompt GEMM on a Zen 3 core). Zero padding makes
  * whatever codes sit past `cols` harmless. Several tokens (up to 4) share each unpacked weight block.
  *
  * TL1 / TL2 matmul (layouts in kernels.h). A lookup-table kernel vectorizes over rows: lane i of a
